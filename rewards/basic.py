@@ -1,0 +1,56 @@
+"""Rewards that need no parser: the exact-answer reward and the R1-Zero format reward.
+
+Both read the R1-Zero output shape of Table 1: ``<think> … </think> <answer> … </answer>``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rewards.registry import RewardFn, register
+from rewards.types import RewardResult, RewardStatus
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Whole response: optional whitespace, one think block, one answer block, nothing after.
+_R1ZERO_SHAPE = re.compile(
+    r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
+    r"<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*",
+    re.DOTALL,
+)
+
+
+def extract_answer_tag(response: str) -> str | None:
+    """Text of the last ``<answer>…</answer>`` block, stripped; None if there is none."""
+    found = _ANSWER.findall(response)
+    return found[-1].strip() if found else None
+
+
+def exact_answer(response: str, reference: str) -> RewardResult:
+    """1 when the last ``<answer>`` equals the reference after stripping whitespace."""
+    answer = extract_answer_tag(response)
+    if answer is None:
+        return RewardResult(0.0, RewardStatus.NO_ANSWER, "no <answer> block")
+    gold = reference.strip()
+    if not gold:
+        return RewardResult(0.0, RewardStatus.UNGRADABLE, "empty reference answer")
+    if answer == gold:
+        return RewardResult(1.0, RewardStatus.CORRECT, "answer matches")
+    return RewardResult(0.0, RewardStatus.WRONG, f"answer {answer[:40]!r} != {gold[:40]!r}")
+
+
+def r1zero_format(response: str, reference: str = "") -> RewardResult:
+    """1 when the response is exactly one think block followed by one answer block."""
+    del reference  # the format reward looks at the response alone
+    if _R1ZERO_SHAPE.fullmatch(response):
+        return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
+    return RewardResult(0.0, RewardStatus.WRONG, "not <think>…</think><answer>…</answer>")
+
+
+@register("exact_answer")
+def _exact_answer_factory() -> RewardFn:
+    return exact_answer
+
+
+@register("format_r1zero")
+def _r1zero_format_factory() -> RewardFn:
+    return r1zero_format
