@@ -1,0 +1,467 @@
+"""GRPO math as pure functions of tensors (DeepSeek-R1 §2.2.1, eq. 1-3).
+
+Everything here is a function of tensors and Python numbers: no config objects, no
+``torch.distributed``, no ``.item()`` (no host sync), no trainer state. Metrics come back
+as detached tensors holding token-weighted *sums and counts*, so that the learner can add
+them over micro-batches and all-reduce them over ranks exactly, then call ``finalize``.
+
+Shape alphabet (used on every tensor line): ``B`` prompts, ``G`` samples per prompt,
+``N = B*G`` sequences, ``T`` tokens (response positions, right-padded), ``V`` vocabulary.
+
+The objective (DeepSeekMath eq. 3, which DeepSeek-R1 eq. 1 writes at sequence level)::
+
+    J(θ) = E[ 1/G Σ_i 1/|o_i| Σ_t ( min(ρ_it A_i, clip(ρ_it, 1-ε_low, 1+ε_high) A_i)
+                                    - β D_KL,it ) ]
+    ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | q, o_i<t)
+
+We minimise ``loss = -J``. Precision: inputs in bfloat16/float16 are upcast and the math
+runs in float32 (float64 inputs stay float64); results come back in that compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AGG_MODES",
+    "GRPOMetrics",
+    "aggregate",
+    "clipped_surrogate",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
+    "logprob_gap",
+    "masked_mean",
+    "token_logprobs",
+]
+
+AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    # bf16 has an 8-bit mantissa: exp(Δlogp) and k3's cancellation near 0 are meaningless
+    # in it, so the math always runs in at least float32.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_same_shape(**tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes must match, got {shapes}")
+
+
+# --------------------------------------------------------------------------- eq. 3
+
+
+def group_advantages(
+    rewards: Tensor, *, std_ddof: int, eps: float, scale_by_std: bool = True
+) -> Tensor:
+    """Group-relative advantages, DeepSeek-R1 eq. 3: ``A_i = (r_i - mean(r)) / std(r)``.
+
+    ``rewards`` is ``[B, G]`` (one row per prompt, one column per sample); returns ``[B, G]``
+    in float32 (float64 for float64 input). Every token of sample ``i`` later gets ``A_i``.
+
+    Conventions (the paper is silent on all of them; implementations differ):
+
+    - ``std_ddof``: the std estimator's delta degrees of freedom. ``1`` is the unbiased
+      sample std that ``torch.std`` gives by default, used by TRL's GRPOTrainer, verl's
+      ``compute_grpo_outcome_advantage`` and OpenRLHF's ``group_norm``; ``0`` is the
+      population std, the default of ``numpy.std``/``jax.numpy.std`` and therefore of
+      ports written with them. For binary rewards ``[1, 0, 0, 1]``: ddof=1 gives
+      ``A = ±0.866``, ddof=0 gives ``A = ±1``. Needs ``G > std_ddof``.
+    - ``eps``: added to the std *outside* the square root, ``(r - mean) / (std + eps)``,
+      as TRL (1e-4), verl (1e-6) and OpenRLHF (1e-9) do. It only matters for groups whose
+      rewards are nearly but not exactly equal.
+    - Identical rewards in a group (all right, all wrong, or ``G == 1``) give exactly
+      zero advantages: such a group carries no learning signal. We set the zeros
+      explicitly rather than trust ``0 / (0 + eps)``: ``mean`` of seven float32 ``0.1``s
+      leaves a residual of ~7e-9 and a std of ~8e-9, so the bare formula with eps=1e-9
+      would hand every sample ``A ≈ -0.8``.
+    - ``scale_by_std=False`` returns ``r - mean`` (Dr. GRPO, Liu et al. 2025, "Understanding
+      R1-Zero-Like Training": dividing by std up-weights too-easy and too-hard prompts);
+      ``std_ddof`` and ``eps`` are then unused.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(
+            f"rewards must be [B, G] (prompts x samples per prompt), got shape {tuple(rewards.shape)}; "
+            "reshape a flat [B*G] tensor with rewards.view(-1, G)"
+        )
+    num_samples = rewards.shape[1]
+    if std_ddof < 0:
+        raise ValueError(f"std_ddof must be >= 0, got {std_ddof}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if scale_by_std and num_samples <= std_ddof:
+        raise ValueError(
+            f"a std with ddof={std_ddof} needs more than {std_ddof} samples per prompt, got G={num_samples}; "
+            "sample more per prompt or pass scale_by_std=False"
+        )
+    r = rewards.to(_compute_dtype(rewards))  # [B, G]
+    centered = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if scale_by_std:
+        std = r.std(dim=1, correction=std_ddof, keepdim=True)  # [B, 1]
+        adv = centered / (std + eps)  # [B, G]
+    else:
+        adv = centered  # [B, G]
+    identical = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    return torch.where(identical, torch.zeros_like(adv), adv)  # [B, G]
+
+
+# --------------------------------------------------------------------------- eq. 2
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor, *, log_ratio_clip: float | None = 20.0) -> Tensor:
+    """Per-token KL estimate, DeepSeek-R1 eq. 2 (Schulman's "k3" estimator).
+
+    ``D = π_ref/π_θ - log(π_ref/π_θ) - 1``, computed per token from log-probs of the
+    sampled tokens: with ``x = ref_logp - logp``, ``D = exp(x) - x - 1``.
+    ``logp``, ``ref_logp``: ``[N, T]``; returns ``[N, T]``.
+
+    ``D >= 0`` everywhere (``exp(x) >= 1 + x``), ``D = 0`` where ``logp == ref_logp``, and
+    under tokens sampled from π_θ its expectation is exactly KL(π_θ || π_ref) (unbiased,
+    lower variance than ``-x``). Computed as ``expm1(x) - x``, which keeps the ``x²/2``
+    behaviour near 0 instead of cancelling it against the ``- 1``.
+
+    ``log_ratio_clip``: ``x`` is clamped to ``[-clip, clip]`` before the exp, so one token
+    the reference finds far likelier cannot overflow the loss (``exp(20) ≈ 4.9e8``); the
+    clamp also zeroes that token's KL gradient. 20 is verl's ``low_var_kl`` value (verl
+    then also clamps D to [-10, 10]); TRL and OpenRLHF do not clamp. ``None`` disables it.
+    """
+    _check_same_shape(logp=logp, ref_logp=ref_logp)
+    dtype = _compute_dtype(logp)
+    log_ratio = ref_logp.to(dtype) - logp.to(dtype)  # [N, T]
+    if log_ratio_clip is not None:
+        if log_ratio_clip <= 0:
+            raise ValueError(f"log_ratio_clip must be > 0 or None, got {log_ratio_clip}")
+        log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)  # [N, T]
+    return torch.expm1(log_ratio) - log_ratio  # [N, T]
+
+
+# --------------------------------------------------------------------------- eq. 1
+
+
+def _surrogate_parts(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps_low: float, clip_eps_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_same_shape(logp=logp, old_logp=old_logp)
+    if logp.dim() != 2 or advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"expected logp [N, T] and advantages [N] (one per sequence), got "
+            f"logp {tuple(logp.shape)} and advantages {tuple(advantages.shape)}"
+        )
+    if not 0.0 <= clip_eps_low < 1.0 or clip_eps_high < 0.0:
+        raise ValueError(
+            f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low}, {clip_eps_high}"
+        )
+    dtype = _compute_dtype(logp)
+    adv = advantages.to(dtype).unsqueeze(1)  # [N, 1]
+    ratio = torch.exp(logp.to(dtype) - old_logp.to(dtype))  # [N, T]
+    unclipped = ratio * adv  # [N, T]
+    clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv  # [N, T]
+    # Where the two are equal (ratio inside the range) torch.minimum sends half the
+    # gradient to each branch, and both carry d(ratio)·A, so the gradient is exact.
+    objective = torch.minimum(unclipped, clipped)  # [N, T]
+    # Clipping is active (and the token's gradient zero) exactly where min() picked the
+    # flat branch: A > 0 with ratio above 1+ε_high, or A < 0 with ratio below 1-ε_low.
+    clip_active = ((adv > 0) & (ratio > 1.0 + clip_eps_high)) | (
+        (adv < 0) & (ratio < 1.0 - clip_eps_low)
+    )  # [N, T]
+    return -objective, clip_active, ratio
+
+
+def clipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_eps_low: float, clip_eps_high: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token clipped surrogate, the min(...) of DeepSeek-R1 eq. 1, as a LOSS.
+
+    ``loss_it = -min(ρ_it A_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) A_i)`` with
+    ``ρ_it = exp(logp_it - old_logp_it)``.
+
+    ``logp`` (current policy, carries the gradient), ``old_logp`` (the policy that
+    sampled, π_θold): ``[N, T]``. ``advantages``: ``[N]``, one per sequence, broadcast
+    over its tokens. For a single pass per batch (μ = 1) pass ``old_logp = logp.detach()``:
+    ρ = 1 and the gradient is the plain policy gradient.
+
+    Returns ``(loss [N, T], clip_active [N, T] bool)``; ``clip_active`` marks tokens whose
+    gradient the clip zeroed (A > 0 and ρ > 1+ε_high, or A < 0 and ρ < 1-ε_low), as
+    TRL counts its low/high clip ratios; mask it before counting.
+
+    Conventions: the paper has one ε (``clip_eps_low == clip_eps_high``). DAPO's
+    "clip-higher" (Yu et al. 2025) raises only the upper bound (ε_low 0.2, ε_high 0.28) so
+    low-probability tokens can grow. The ratio itself is not clamped: with A < 0 and
+    ρ > 1+ε the loss is unbounded above, as in PPO (dual-clip is not implemented).
+    """
+    loss, clip_active, _ = _surrogate_parts(logp, old_logp, advantages, clip_eps_low, clip_eps_high)
+    return loss, clip_active
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    *,
+    mode: str,
+    num_sequences: int | None,
+    num_tokens: int | None,
+    max_tokens: int | None = None,
+) -> Tensor:
+    """Reduce a per-token loss ``[N, T]`` to a scalar; ``mask`` ``[N, T]`` (bool or 0/1) marks
+    the tokens that count (response tokens, not prompt or padding).
+
+    Modes, with ``l_it`` the per-token loss and ``m_it`` the mask:
+
+    - ``"seq_mean_token_mean"`` — DeepSeek-R1 eq. 1 / DeepSeekMath GRPO:
+      ``Σ_i (Σ_t m_it l_it / |o_i|) / num_sequences`` with ``|o_i| = Σ_t m_it``. Every
+      sequence weighs the same, so tokens of long responses weigh less. (verl
+      ``seq-mean-token-mean``, TRL ``loss_type="grpo"``.)
+    - ``"token_mean"`` — DAPO: ``Σ_it m_it l_it / num_tokens``. Every token weighs the
+      same. (verl ``token-mean``, TRL ``"dapo"``.)
+    - ``"seq_mean_token_sum_norm"`` — Dr. GRPO: ``Σ_it m_it l_it / (num_sequences *
+      max_tokens)``, a per-sequence token *sum* divided by a constant (the generation
+      budget, ``max_new_tokens``) instead of the response's own length, removing the
+      length bias. (verl ``seq-mean-token-sum-norm``, TRL ``"dr_grpo"``.)
+
+    The normalisers are GLOBAL and passed in: ``num_sequences`` is the number of sequences
+    and ``num_tokens`` the number of masked tokens in the whole optimizer batch, over all
+    micro-batches and all ranks. Each mode is then a plain sum of per-sequence terms, so
+    summing the results of any split of the batch (micro-batches, ranks; uneven, any
+    padding) gives exactly the full-batch loss and gradient. Consequences for the caller:
+    gradients must be SUMMED over micro-batches and ranks. DDP and DeepSpeed average
+    across ranks (multiply the loss by the world size to undo it), and DeepSpeed divides
+    the loss by ``gradient_accumulation_steps`` in ``backward`` (undo or disable that).
+    A sequence must not be split across micro-batches or ranks (context parallelism would
+    need ``|o_i|`` passed in). A sequence with no masked token (padding row) adds 0.
+
+    Masked positions get zero gradient, but must hold finite values (pad log-probs with
+    0, not -inf): a NaN there would leak through the backward pass.
+    """
+    _check_same_shape(per_token=per_token, mask=mask)
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
+    needs = {
+        "seq_mean_token_mean": {"num_sequences": num_sequences},
+        "token_mean": {"num_tokens": num_tokens},
+        "seq_mean_token_sum_norm": {"num_sequences": num_sequences, "max_tokens": max_tokens},
+    }[mode]
+    for name, value in needs.items():
+        if value is None or value <= 0:
+            raise ValueError(
+                f"mode {mode!r} needs {name} as a positive int counted over the whole optimizer "
+                f"batch (all micro-batches and ranks), got {value!r}"
+            )
+    keep = mask.bool()  # [N, T]
+    x = per_token.to(_compute_dtype(per_token))  # [N, T]
+    masked = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))  # [N, T]
+    if mode == "seq_mean_token_mean":
+        seq_len = keep.sum(dim=1).clamp(min=1).to(x.dtype)  # [N]
+        return (masked.sum(dim=1) / seq_len).sum() / num_sequences
+    if mode == "token_mean":
+        return masked.sum() / num_tokens
+    return masked.sum() / (num_sequences * max_tokens)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def masked_mean(x: Tensor, mask: Tensor, *, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set (``[N, T]`` each, any equal shape).
+
+    ``dim=None`` reduces everything to a scalar; an int reduces that dim. An empty mask
+    gives NaN (0/0), like ``torch.mean`` of nothing. Not for losses across micro-batches:
+    use ``aggregate`` with global normalisers there.
+    """
+    _check_same_shape(x=x, mask=mask)
+    keep = mask.bool()  # [N, T]
+    xf = x.to(_compute_dtype(x))  # [N, T]
+    masked = torch.where(keep, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))  # [N, T]
+    if dim is None:
+        return masked.sum() / keep.sum().to(xf.dtype)
+    return masked.sum(dim=dim) / keep.sum(dim=dim).to(xf.dtype)
+
+
+def logprob_gap(logp_a: Tensor, logp_b: Tensor, mask: Tensor) -> Tensor:
+    """Mean absolute difference of two log-prob tensors ``[N, T]`` over masked tokens.
+
+    Detached. Used to check the rollout engine's log-probs against the learner's for the
+    same weights: a gap well above bf16 noise (~1e-2) means a mismatch (temperature,
+    chat template, stale weights) and a biased importance ratio.
+    """
+    _check_same_shape(logp_a=logp_a, logp_b=logp_b)
+    dtype = _compute_dtype(logp_a)
+    return masked_mean((logp_a.detach().to(dtype) - logp_b.detach().to(dtype)).abs(), mask)
+
+
+def token_logprobs(logits: Tensor, target_ids: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each target token: ``log softmax(logits / temperature)[target]``.
+
+    ``logits`` ``[N, T, V]``, ``target_ids`` ``[N, T]`` (int) → ``[N, T]``, float32 (float64
+    for float64 logits). ``logits[:, t]`` must be the scores *for* ``target_ids[:, t]``:
+    shift before calling (``logits[:, :-1]`` with ``input_ids[:, 1:]``).
+
+    Computed as ``logit[target] - logsumexp(logits)`` in float32: no full ``[N, T, V]``
+    log-softmax is kept for backward, only the float32 copy of the logits.
+
+    ``temperature``: the samples come from ``softmax(logits / temperature)``, so π_θ and
+    π_θold in the importance ratio (and π_ref in the KL) are all taken at the sampling
+    temperature: the learner divides its logits by it (verl and TRL do this); otherwise
+    every ratio is off. Log-probs compared with the rollout engine's must be of the same
+    distribution: vLLM returns temperature-scaled log-probs only with
+    ``logprobs_mode="processed_logprobs"`` (which also applies top-k/top-p truncation);
+    its default (``"raw_logprobs"``, checked in vLLM 0.32) is the unscaled model
+    distribution, i.e. ``temperature=1`` here. Use 1.0 for SFT.
+    """
+    if logits.dim() != 3 or target_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [N, T, V] and target_ids [N, T], got {tuple(logits.shape)} and "
+            f"{tuple(target_ids.shape)}"
+        )
+    if target_ids.is_floating_point():
+        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x = logits.to(_compute_dtype(logits))  # [N, T, V]
+    if temperature != 1.0:
+        x = x / temperature  # [N, T, V]
+    picked = x.gather(dim=-1, index=target_ids.long().unsqueeze(-1)).squeeze(-1)  # [N, T]
+    return picked - torch.logsumexp(x, dim=-1)  # [N, T]
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@dataclass(frozen=True)
+class GRPOMetrics:
+    """Detached scalar tensors (float64) of token-weighted sums and counts over masked tokens.
+
+    Sums and counts, not means, so that micro-batches add (``a + b``) and ranks all-reduce
+    (``to_tensor`` → ``all_reduce(SUM)`` → ``from_tensor``) exactly; ``finalize`` turns them
+    into means. ``kl_sum`` is NaN when no reference log-probs were given (nothing measured).
+    """
+
+    token_count: Tensor  # [] masked tokens
+    surrogate_sum: Tensor  # [] Σ per-token surrogate loss
+    kl_sum: Tensor  # [] Σ per-token k3 KL (NaN without ref_logp)
+    clip_low_count: Tensor  # [] tokens clipped at 1 - ε_low (A < 0)
+    clip_high_count: Tensor  # [] tokens clipped at 1 + ε_high (A > 0)
+    ratio_sum: Tensor  # [] Σ importance ratio π_θ / π_θold
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, Tensor) or value.dim() != 0 or value.requires_grad:
+                raise ValueError(f"GRPOMetrics.{field.name} must be a detached 0-dim tensor, got {value!r}")
+
+    def __add__(self, other: GRPOMetrics) -> GRPOMetrics:
+        return GRPOMetrics.from_tensor(self.to_tensor() + other.to_tensor())
+
+    def to_tensor(self) -> Tensor:
+        """All fields stacked in declaration order, ``[F]`` float64, for one all-reduce."""
+        return torch.stack([getattr(self, f.name).to(torch.float64) for f in dataclasses.fields(self)])
+
+    @classmethod
+    def from_tensor(cls, stacked: Tensor) -> GRPOMetrics:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if stacked.shape != (len(names),):
+            raise ValueError(f"expected a [{len(names)}] tensor of {names}, got {tuple(stacked.shape)}")
+        return cls(**{name: stacked[i].detach() for i, name in enumerate(names)})
+
+    def finalize(self) -> dict[str, Tensor]:
+        """Token means: ``kl``, ``clip_frac`` (and its low/high parts), ``ratio_mean``,
+        ``surrogate_loss``. Still tensors; the caller decides when to sync to host."""
+        n = self.token_count
+        return {
+            "kl": self.kl_sum / n,
+            "clip_frac": (self.clip_low_count + self.clip_high_count) / n,
+            "clip_frac_low": self.clip_low_count / n,
+            "clip_frac_high": self.clip_high_count / n,
+            "ratio_mean": self.ratio_sum / n,
+            "surrogate_loss": self.surrogate_sum / n,
+        }
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    beta: float,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    agg_mode: str,
+    num_sequences: int | None,
+    num_tokens: int | None,
+    max_tokens: int | None = None,
+    kl_log_ratio_clip: float | None = 20.0,
+) -> tuple[Tensor, GRPOMetrics]:
+    """The GRPO loss, ``-J`` of DeepSeek-R1 eq. 1, for one micro-batch.
+
+    ``per_token = clipped_surrogate(logp, old_logp, advantages) + beta * k3_kl(logp, ref_logp)``,
+    reduced by ``aggregate(per_token, mask, mode=agg_mode, ...)``.
+
+    ``logp``, ``old_logp``, ``ref_logp``, ``mask``: ``[N, T]``; ``advantages``: ``[N]``
+    (from ``group_advantages``, flattened). ``ref_logp`` may be ``None`` only when
+    ``beta == 0`` (no reference model, as DAPO and Dr. GRPO run); when given with
+    ``beta == 0`` the KL is still measured for the metrics. The KL enters as a loss term
+    (DeepSeekMath), not as a reward penalty (PPO-RLHF style).
+
+    ``clip_eps_low/high``: see ``clipped_surrogate`` (the paper: both equal).
+    ``agg_mode``, ``num_sequences``, ``num_tokens``, ``max_tokens``: see ``aggregate``;
+    the normalisers count the whole optimizer batch, over micro-batches and ranks.
+    ``kl_log_ratio_clip``: see ``k3_kl``.
+
+    Returns ``(loss, GRPOMetrics)``; the metrics are detached sums over masked tokens.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp (reference-model log-probs); pass them or set beta=0")
+    _check_same_shape(logp=logp, mask=mask)
+
+    surrogate, clip_active, ratio = _surrogate_parts(
+        logp, old_logp, advantages, clip_eps_low, clip_eps_high
+    )  # [N, T] each
+    per_token = surrogate  # [N, T]
+    kl = None
+    if ref_logp is not None:
+        if beta > 0:
+            kl = k3_kl(logp, ref_logp, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
+            per_token = per_token + beta * kl  # [N, T]
+        else:
+            with torch.no_grad():
+                kl = k3_kl(logp, ref_logp, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
+    loss = aggregate(
+        per_token,
+        mask,
+        mode=agg_mode,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+        max_tokens=max_tokens,
+    )
+
+    with torch.no_grad():
+        keep = mask.bool()  # [N, T]
+        adv_sign = advantages.unsqueeze(1)  # [N, 1]
+
+        def masked_sum(x: Tensor) -> Tensor:
+            return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(
+                dtype=torch.float64
+            )
+
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=logp.device)
+        metrics = GRPOMetrics(
+            token_count=keep.sum(dtype=torch.float64),
+            surrogate_sum=masked_sum(surrogate.detach()),
+            kl_sum=nan if kl is None else masked_sum(kl.detach()),
+            clip_low_count=(clip_active & keep & (adv_sign < 0)).sum(dtype=torch.float64),
+            clip_high_count=(clip_active & keep & (adv_sign > 0)).sum(dtype=torch.float64),
+            ratio_sum=masked_sum(ratio.detach()),
+        )
+    return loss, metrics
