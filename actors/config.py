@@ -1,0 +1,37 @@
+"""Configuration of the rollout engines and the reference model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RolloutConfig(BaseModel):
+    """Sampling and engine settings. Training samples at temperature 1 (the policy's own
+    distribution); evaluation uses the paper's T = 0.6, top-p = 0.95 (``EvalConfig``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: Literal["vllm"] = "vllm"
+    num_engines: int = Field(default=1, ge=1, description="rollout actors (R)")
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=1024, ge=1)
+    max_model_len: int = Field(default=4096, ge=16)
+    kv_cache_bytes: int = Field(
+        default=2 * 2**30, ge=2**20,
+        description="KV cache per engine; always capped (vLLM on CPU otherwise takes ~all RAM)",
+    )
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = True
+    dtype: Literal["float32", "bfloat16", "auto"] = "auto"
+    seed: int = 0
+
+
+class ReferenceConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    micro_batch_sequences: int = Field(default=16, ge=1)
+    dtype: Literal["fp32", "bf16"] = "fp32"

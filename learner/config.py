@@ -1,0 +1,41 @@
+"""Learner configuration: the DeepSpeed group, the optimizer and the GRPO loss conventions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LearnerConfig(BaseModel):
+    """Defaults follow DeepSeekMath's GRPO (ε = 0.2, β = 0.04, one update per batch);
+    the R1 paper names the algorithm but not these values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_workers: int = Field(default=1, ge=1, description="DeepSpeed data-parallel ranks (L)")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="collective backend; auto = nccl with CUDA, else gloo"
+    )
+    learning_rate: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    # GRPO loss (learner/grpo.py documents each convention).
+    kl_coef: float = Field(default=0.04, ge=0, description="β of eq. 1; 0 skips the reference model")
+    clip_eps_low: float = Field(default=0.2, gt=0, lt=1)
+    clip_eps_high: float = Field(default=0.2, gt=0)
+    advantage_std_ddof: Literal[0, 1] = 1
+    advantage_eps: float = Field(default=1e-4, gt=0)
+    scale_advantages_by_std: bool = True
+    loss_aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean"
+    )
+    updates_per_batch: int = Field(default=1, ge=1, description="μ: optimisation passes per batch")
+    micro_batch_groups: int = Field(default=1, ge=1, description="groups per forward/backward")
+    gradient_checkpointing: bool = False
+    weight_push_bucket_bytes: int = Field(default=64 * 2**20, ge=2**16)

@@ -1,0 +1,162 @@
+"""The ``r1lab`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train reasoning models with GRPO and the DeepSeek-R1 recipe on Ray.")
+data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+STAGES = ("grpo",)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command()
+def run(
+    stage: Annotated[str, typer.Argument(help=f"stage to run: {', '.join(STAGES)}")],
+    config: Annotated[Path, typer.Option("-c", "--config", help="YAML config")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run a stage in this process (against RAY_ADDRESS or an embedded local cluster)."""
+    from orchestrator.config import ConfigError, load_config
+
+    _logging(verbose)
+    if stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    _check_paths(cfg)
+    from orchestrator.stages import grpo
+
+    start = time.monotonic()
+    with _progress() as progress:
+        task = progress.add_task("grpo", total=cfg.grpo.steps, info="starting actors")
+
+        def on_step(step: int, total: int, r: dict) -> None:
+            info = (f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
+                    f"fmt {r['format_ok']:.2f}  kl {r['kl']:.4f}  {r['step_s']:.1f}s/step")
+            progress.update(task, completed=step, info=info)
+
+        run_dir = grpo.run(cfg, progress=on_step if cfg.logging.progress else None)
+    console.print(f"[green]done[/] in {time.monotonic() - start:.0f}s: {run_dir}")
+    _summary(run_dir)
+
+
+def _check_paths(cfg) -> None:
+    model = Path(cfg.model.path)
+    if not model.exists() and (model.is_absolute() or cfg.model.path.startswith(".")):
+        _fail(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
+    if not Path(cfg.data.train_path).exists():
+        _fail(f"data.train_path {cfg.data.train_path} does not exist; make one with "
+              f"`r1lab data make addition --out {Path(cfg.data.train_path).parent}`")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+                    transient=False)
+
+
+def _summary(run_dir: Path) -> None:
+    from orchestrator.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return
+    k = min(5, len(rows))
+    first, last = rows[:k], rows[-k:]
+    table = Table(title=f"first vs last {k} steps")
+    table.add_column("metric")
+    table.add_column("first", justify="right")
+    table.add_column("last", justify="right")
+    for key in ("reward_mean", "accuracy", "format_ok", "response_tokens_mean", "kl", "logprob_gap"):
+        mean = lambda rs: sum(r[key] for r in rs if r.get(key) is not None) / max(1, sum(r.get(key) is not None for r in rs))  # noqa: E731
+        table.add_row(key, f"{mean(first):.4f}", f"{mean(last):.4f}")
+    console.print(table)
+
+
+@app.command("init-model")
+def init_model(
+    out: Annotated[Path, typer.Argument(help="directory to write the model into")],
+    task: Annotated[str, typer.Option(help="task whose corpus trains the tokenizer and model")] = "addition",
+    pretrain_steps: Annotated[int, typer.Option(help="pretraining steps on the noisy task corpus (0: random init)")] = 600,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    answer_noise: Annotated[float, typer.Option(help="share of pretraining answers corrupted")] = 0.6,
+    seed: int = 0,
+) -> None:
+    """Build a tiny Qwen2 model and tokenizer offline (HF format, safetensors)."""
+    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model
+
+    try:
+        spec = TinyModelSpec(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                             intermediate_size=3 * hidden_size)
+    except ValueError as err:
+        _fail(str(err))
+    with _progress() as progress:
+        bar = progress.add_task("pretrain", total=max(pretrain_steps, 1), info="")
+        build_tiny_model(out, task=task, spec=spec, pretrain_steps=pretrain_steps, answer_noise=answer_noise,
+                         seed=seed, progress=lambda s, n, loss: progress.update(bar, completed=s, info=f"loss {loss:.3f}"))
+    console.print(f"[green]model written[/] to {out}")
+
+
+@data_app.command("make")
+def data_make(
+    task: Annotated[str, typer.Argument(help="task: addition")],
+    out: Annotated[Path, typer.Option(help="directory for train.jsonl and test.jsonl")],
+    digits: int = 2,
+    test_share: float = 0.1,
+    seed: int = 0,
+) -> None:
+    """Write a synthetic task's train/test split as JSONL (prompt, answer)."""
+    from orchestrator.tasks import make_dataset
+
+    try:
+        paths = make_dataset(task, out, test_share=test_share, seed=seed, digits=digits)
+    except ValueError as err:
+        _fail(str(err))
+    for split, path in paths.items():
+        n = sum(1 for _ in path.open())
+        console.print(f"{split}: {n} rows → {path}")
+
+
+def _register_optional() -> None:
+    try:
+        from orchestrator import verify_math
+    except ModuleNotFoundError as err:
+        if err.name != "orchestrator.verify_math":
+            raise
+    else:
+        app.command("verify-math")(verify_math.command)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,186 @@
+"""Stage configuration: per-package models composed into one, loaded from YAML.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides
+(values parsed as YAML: ``learner.kl_coef=0``, ``run.name=exp1``), and validates. Any
+error names the field and how to fix it, before any actor starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.config import ReferenceConfig, RolloutConfig
+from learner.config import LearnerConfig
+from rewards.config import RewardsConfig
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunConfig(_Frozen):
+    name: str = Field(default="grpo", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    resume: bool = Field(default=False, description="continue from the run's last checkpoint")
+
+    @property
+    def dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+class ModelConfig(_Frozen):
+    path: str = Field(description="local HF model directory (or a hub id where the hub is reachable)")
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Frozen):
+    train_path: Path
+    test_path: Path | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    template: Literal["r1zero", "plain", "chat"] = "r1zero"
+    shuffle: bool = True
+
+
+class GRPOConfig(_Frozen):
+    steps: int = Field(default=100, ge=1, description="optimizer steps")
+    prompts_per_step: int = Field(default=8, ge=1, description="B")
+    samples_per_prompt: int = Field(default=16, ge=2, description="G (paper: a group per question)")
+    max_staleness_steps: int = Field(
+        default=0, ge=0, description="how many steps generation may run ahead; 0 = on-policy"
+    )
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = only the final one")
+    eval_every_steps: int = Field(default=0, ge=0)
+
+
+class ClusterConfig(_Frozen):
+    """Where actors go. Resource numbers live here and in orchestrator/placement.py only."""
+
+    address: str | None = Field(default=None, description="Ray address; None = RAY_ADDRESS or a local cluster")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs for an embedded local cluster")
+    gpus_per_rollout_engine: float = Field(default=0, ge=0)
+    gpus_per_learner: float = Field(default=0, ge=0)
+    gpus_per_reference: float = Field(default=0, ge=0)
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    num_reward_actors: int = Field(default=1, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate_reference_with_learner: bool = True
+
+
+class LoggingConfig(_Frozen):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "r1lab"
+    log_samples_every_steps: int = Field(default=10, ge=0)
+    progress: bool = True
+
+
+class GRPOStageConfig(_Frozen):
+    """Everything the ``grpo`` stage needs."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    data: DataConfig
+    grpo: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    learner: LearnerConfig = LearnerConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOStageConfig:
+        b, l, m = self.grpo.prompts_per_step, self.learner.num_workers, self.learner.micro_batch_groups
+        if b % l:
+            raise ValueError(
+                f"grpo.prompts_per_step ({b}) must be a multiple of learner.num_workers ({l}) "
+                "so every rank trains on the same number of groups"
+            )
+        if (b // l) % m:
+            raise ValueError(
+                f"groups per rank ({b // l}) must be a multiple of learner.micro_batch_groups ({m})"
+            )
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below "
+                f"rollout.max_model_len ({self.rollout.max_model_len}) to leave room for the prompt"
+            )
+        return self
+
+    @property
+    def groups_per_rank(self) -> int:
+        return self.grpo.prompts_per_step // self.learner.num_workers
+
+    @property
+    def use_reference(self) -> bool:
+        return self.learner.kl_coef > 0
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says where and how to fix it."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict (values parsed as YAML)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            if e["type"] == "extra_forbidden":
+                lines.append(f"  {where}: unknown setting (check its spelling and section)")
+            elif e["type"] == "missing":
+                lines.append(f"  {where}: required, set it in the file or as {where}=...")
+            else:
+                lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: Path, overrides: list[str] | None = None, model: type[BaseModel] = GRPOStageConfig) -> Any:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate(model, raw, str(path))
+
+
+def dump_config(config: BaseModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

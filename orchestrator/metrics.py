@@ -1,0 +1,59 @@
+"""Run metrics: one JSON object per step in ``metrics.jsonl``, mirrored to wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Appends step records to ``<run>/metrics.jsonl`` and logs them to wandb.
+
+    wandb is offline unless ``mode="online"`` (then it needs ``WANDB_API_KEY``);
+    ``mode="disabled"`` skips it. Its files stay inside the run directory.
+    """
+
+    def __init__(self, run_dir: Path, *, config: dict[str, Any], mode: str = "offline",
+                 project: str = "r1lab", name: str | None = None, resume: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._wandb = None
+        if mode != "disabled":
+            wandb_dir = Path(run_dir) / "wandb"
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+                os.environ.setdefault(var, str(wandb_dir / sub))
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=project, name=name, config=config, mode=mode,
+                                         dir=str(wandb_dir), reinit="finish_previous")
+            except Exception as err:  # noqa: BLE001 - metrics.jsonl still records everything
+                log.warning("wandb logging is off (%s); metrics.jsonl still records every step", err)
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=int(record["step"]))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,180 @@
+"""Tiny Qwen2-architecture models and byte-level BPE tokenizers, built offline.
+
+``build_tiny_model`` trains a tokenizer on a task corpus, creates a small Qwen2 causal LM
+(head size 32, the least vLLM's CPU attention accepts) and, optionally, pretrains it on
+the task's noisy corpus (see ``orchestrator.tasks``) so it becomes a base policy that
+answers right only part of the time. Everything is saved in Hugging Face format
+(``config.json``, ``model.safetensors``, ``tokenizer.json``) so transformers, vLLM and
+DeepSpeed load it from the path. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.tasks import AdditionTask, get_task
+from orchestrator.templates import render_prompt
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+# Qwen2's pre-tokenizer split (digits one by one). transformers rebuilds a Qwen2
+# tokenizer's pre-tokenizer with this regex on load, so training with it keeps ids stable.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a tiny Qwen2 model. Defaults: ~0.5 M parameters."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    max_positions: int = 512
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError(
+                f"head size {self.hidden_size // self.num_heads} < 32: vLLM's CPU attention "
+                "kernel needs head_size >= 32; raise hidden_size or lower num_heads"
+            )
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path):
+    """Train a byte-level BPE with Qwen2's split and save it as a Qwen2 tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    fast.model_max_length = 4096
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _pretrain_corpus(task: AdditionTask, n: int, rng: random.Random, *, answer_noise: float,
+                     format_noise: float, test_share: float, seed: int) -> list[tuple[str, str]]:
+    rows = task.rows("train", test_share=test_share, seed=seed)
+    out = []
+    for _ in range(n):
+        row = rng.choice(rows)
+        a, b = (int(x) for x in row.prompt.removeprefix("What is ").split("+"))
+        prompt = render_prompt(row.prompt, "r1zero")
+        out.append((prompt, task.noisy_response(a, b, rng, answer_noise=answer_noise,
+                                                 format_noise=format_noise)))
+    return out
+
+
+def build_tiny_model(
+    out_dir: Path,
+    *,
+    task: str = "addition",
+    spec: TinyModelSpec = TinyModelSpec(),
+    pretrain_steps: int = 600,
+    sequences_per_step: int = 64,
+    learning_rate: float = 3e-3,
+    answer_noise: float = 0.6,
+    format_noise: float = 0.15,
+    test_share: float = 0.1,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """Build (and pretrain) a tiny base model for ``task``; returns ``out_dir``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t = get_task(task)
+    corpus = _pretrain_corpus(t, 20000, rng, answer_noise=answer_noise,
+                              format_noise=format_noise, test_share=test_share, seed=seed)
+    tokenizer = train_tokenizer([p + r + EOS for p, r in corpus[:4000]], spec.vocab_size, out_dir)
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    if pretrain_steps > 0:
+        _pretrain(model, tokenizer, corpus, steps=pretrain_steps, batch=sequences_per_step,
+                  lr=learning_rate, rng=rng, progress=progress)
+    model.config.dtype = "float32"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    model.generation_config.save_pretrained(out_dir)
+    return out_dir
+
+
+def _pretrain(model, tokenizer, corpus, *, steps, batch, lr, rng, progress) -> None:
+    """Next-token loss on the response (the prompt is the fixed template), AdamW, cosine."""
+    # Tokenise once: prompt ids and response ids (+ EOS) per example.
+    encoded = []
+    for prompt, response in corpus:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response + EOS, add_special_tokens=False)["input_ids"]
+        encoded.append((p, r))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    start = time.monotonic()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
+        width = max(len(p) + len(r) for p, r in chosen)
+        ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+        labels = torch.full((batch, width), -100, dtype=torch.long)  # [N, T]
+        attn = torch.zeros((batch, width), dtype=torch.long)  # [N, T]
+        for i, (p, r) in enumerate(chosen):
+            seq = p + r
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(r)
+            attn[i, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    model.eval()
+    log.info("pretrained %d steps in %.1fs", steps, time.monotonic() - start)
