@@ -1,6 +1,7 @@
-"""Rewards that need no parser: the exact-answer reward and the R1-Zero format reward.
+"""The exact-answer reward: no parser, for tasks whose answers are plain strings.
 
-Both read the R1-Zero output shape of Table 1: ``<think> … </think> <answer> … </answer>``.
+It reads the R1-Zero output shape of Table 1: ``<think> … </think> <answer> … </answer>``.
+The format rewards live in ``rewards.format``, the math reward in ``rewards.math``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,6 @@ from rewards.registry import RewardFn, register
 from rewards.types import RewardResult, RewardStatus
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-# Whole response: optional whitespace, one think block, one answer block, nothing after.
-_R1ZERO_SHAPE = re.compile(
-    r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
-    r"<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*",
-    re.DOTALL,
-)
 
 
 def extract_answer_tag(response: str) -> str | None:
@@ -38,19 +33,6 @@ def exact_answer(response: str, reference: str) -> RewardResult:
     return RewardResult(0.0, RewardStatus.WRONG, f"answer {answer[:40]!r} != {gold[:40]!r}")
 
 
-def r1zero_format(response: str, reference: str = "") -> RewardResult:
-    """1 when the response is exactly one think block followed by one answer block."""
-    del reference  # the format reward looks at the response alone
-    if _R1ZERO_SHAPE.fullmatch(response):
-        return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
-    return RewardResult(0.0, RewardStatus.WRONG, "not <think>…</think><answer>…</answer>")
-
-
 @register("exact_answer")
 def _exact_answer_factory() -> RewardFn:
     return exact_answer
-
-
-@register("format_r1zero")
-def _r1zero_format_factory() -> RewardFn:
-    return r1zero_format

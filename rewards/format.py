@@ -1,0 +1,120 @@
+"""Format rewards for the paper's two output shapes (DeepSeek-R1 §2.2.2, §2.3.1).
+
+- R1-Zero (Table 1): ``<think> reasoning </think> <answer> answer </answer>``.
+- R1 (cold-start format, §2.3.1): ``<think> reasoning </think>`` then a summary, the
+  paper's ``|special_token|<reasoning_process>|special_token|<summary>``.
+
+Both are strict, because a lenient format check is a reward to game: every ``<think>``,
+``</think>``, ``<answer>`` and ``</answer>`` in the response must be exactly the ones
+of the shape, in order; nothing but whitespace may sit outside them; no block may be
+empty. Tags are matched exactly (lower case, no spaces), as the template writes them.
+
+Chat templates that end the prompt with ``<think>\\n`` (DeepSeek-R1's own, Qwen3's)
+make the response start inside the reasoning: pass ``think_opened_in_prompt=True``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rewards.registry import RewardFn, register
+from rewards.types import RewardResult, RewardStatus
+
+_TAG = re.compile(r"</?(?:think|answer)>")
+
+
+def _check_shape(
+    response: str, shape: tuple[str, ...], *, think_opened_in_prompt: bool
+) -> str | None:
+    """Why ``response`` is not exactly ``shape`` (a tag sequence); None if it is."""
+    text = ("<think>" + response) if think_opened_in_prompt else response
+    tags = list(_TAG.finditer(text))
+    found = tuple(m.group(0) for m in tags)
+    if found != shape:
+        return _describe_mismatch(found, shape, think_opened_in_prompt)
+    # Text before the first tag, between blocks, and after the last must be blank;
+    # the content of every block must not be.
+    edges = [0] + [i for m in tags for i in (m.start(), m.end())] + [len(text)]
+    gaps = [text[edges[i] : edges[i + 1]] for i in range(0, len(edges), 2)]
+    blocks = [text[tags[i].end() : tags[i + 1].start()] for i in range(0, len(tags), 2)]
+    for i, gap in enumerate(gaps):
+        if gap.strip():
+            where = "before " + shape[0] if i == 0 else "after " + shape[2 * i - 1]
+            return f"text {where}: {gap.strip()[:30]!r}"
+    for i, block in enumerate(blocks):
+        if not block.strip():
+            return f"empty {shape[2 * i]}{shape[2 * i + 1]} block"
+    return None
+
+
+def _describe_mismatch(
+    found: tuple[str, ...], shape: tuple[str, ...], think_opened_in_prompt: bool
+) -> str:
+    for tag in dict.fromkeys(shape):  # each distinct tag once, in order
+        n = found.count(tag)
+        if n == 0:
+            return f"missing {tag}"
+        if n > shape.count(tag):
+            extra = " (the prompt already opened it)" if think_opened_in_prompt and tag == "<think>" else ""
+            return f"{n} {tag} tags, expected {shape.count(tag)}{extra}"
+    stray = [t for t in found if t not in shape]
+    if stray:
+        return f"unexpected {stray[0]}"
+    return f"tags out of order: {''.join(found)}"
+
+
+def r1zero_format(
+    response: str, reference: str = "", *, think_opened_in_prompt: bool = False
+) -> RewardResult:
+    """1 when the response is one think block then one answer block, nothing else."""
+    del reference  # the format reward looks at the response alone
+    why = _check_shape(
+        response,
+        ("<think>", "</think>", "<answer>", "</answer>"),
+        think_opened_in_prompt=think_opened_in_prompt,
+    )
+    if why is None:
+        return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
+    return RewardResult(0.0, RewardStatus.WRONG, why)
+
+
+def r1_format(
+    response: str, reference: str = "", *, think_opened_in_prompt: bool = False
+) -> RewardResult:
+    """1 when the response is one think block then a non-empty summary.
+
+    The summary may hold any text (markdown, a boxed answer) but no think or answer tag.
+    """
+    del reference
+    text = ("<think>" + response) if think_opened_in_prompt else response
+    close = text.rfind("</think>")
+    if close < 0:
+        return RewardResult(0.0, RewardStatus.WRONG, "missing </think>")
+    summary = text[close + len("</think>") :]
+    if not summary.strip():
+        return RewardResult(0.0, RewardStatus.WRONG, "no summary after </think>")
+    stray = _TAG.search(summary)
+    if stray is not None:
+        return RewardResult(0.0, RewardStatus.WRONG, f"{stray.group(0)} in the summary")
+    why = _check_shape(text[:close + len("</think>")], ("<think>", "</think>"), think_opened_in_prompt=False)
+    if why is not None:
+        if think_opened_in_prompt and why.startswith("2 <think>"):
+            why += " (the prompt already opened it)"
+        return RewardResult(0.0, RewardStatus.WRONG, why)
+    return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
+
+
+@register("format_r1zero")
+def _r1zero_format_factory(think_opened_in_prompt: bool = False) -> RewardFn:
+    def reward(response: str, reference: str) -> RewardResult:
+        return r1zero_format(response, reference, think_opened_in_prompt=think_opened_in_prompt)
+
+    return reward
+
+
+@register("format_r1")
+def _r1_format_factory(think_opened_in_prompt: bool = False) -> RewardFn:
+    def reward(response: str, reference: str) -> RewardResult:
+        return r1_format(response, reference, think_opened_in_prompt=think_opened_in_prompt)
+
+    return reward
