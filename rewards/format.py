@@ -34,9 +34,11 @@ def _check_shape(
         return _describe_mismatch(found, shape, think_opened_in_prompt)
     # Text before the first tag, between blocks, and after the last must be blank;
     # the content of every block must not be.
-    edges = [0] + [i for m in tags for i in (m.start(), m.end())] + [len(text)]
-    gaps = [text[edges[i] : edges[i + 1]] for i in range(0, len(edges), 2)]
-    blocks = [text[tags[i].end() : tags[i + 1].start()] for i in range(0, len(tags), 2)]
+    # Block k lies between tags 2k and 2k+1; gap k before tag 2k (and one after all).
+    bounds = [0] + [i for k in range(0, len(tags), 2) for i in (tags[k].start(), tags[k + 1].end())]
+    bounds.append(len(text))
+    gaps = [text[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+    blocks = [text[tags[k].end() : tags[k + 1].start()] for k in range(0, len(tags), 2)]
     for i, gap in enumerate(gaps):
         if gap.strip():
             where = "before " + shape[0] if i == 0 else "after " + shape[2 * i - 1]

@@ -49,6 +49,8 @@ _DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[")
 # Thousands separated by a thin space or a space (LaTeX prints $1\,000$ and $1 000$
 # as 1000); Math-Verify would read them as products.
 _SPACED_THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;: ]|~| )(?=\d{3}(?!\d))")
+# 1.5e3 (programming notation) as a whole answer; in LaTeX ``e`` is Euler's number.
+_E_NOTATION = re.compile(r"([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)")
 # A line break typed as ``\\`` right before a command name is an escaping slip
 # (``\\frac``) in JSON-dumped data, never meant as a break.
 _DOUBLED_BACKSLASH = re.compile(r"(?<!\\)\\\\(?=[a-zA-Z])")
@@ -234,6 +236,8 @@ def _parse(answer: str) -> list[Any]:
     answer = _SPACED_THOUSANDS.sub("", answer)
     inner = _single_env(answer)
     body = inner.strip() if inner is not None and "$" not in inner else answer
+    if (e_notation := _E_NOTATION.fullmatch(body)) is not None:
+        body = f"{e_notation.group(1)} \\times 10^{{{e_notation.group(2)}}}"
     if not _DELIMITED.search(body) and _is_bare(body):
         # A bare answer is LaTeX without its $…$: add them so Math-Verify reads it.
         boxed = "\\boxed" in body or "\\fbox" in body
@@ -348,12 +352,15 @@ def math_accuracy(
     min_significant_digits: int = 3,
     strict_variables: bool = True,
     set_relation: bool = False,
+    max_answer_chars: int = 1000,
 ) -> RewardResult:
     """1 when the response's final answer is equivalent to the reference answer.
 
     ``extraction``: "strict" (default) reads only an ``<answer>`` block, a box or "the
-    answer is"; "loose" also searches the text (see ``extract_answer``). The other
-    arguments are ``equivalent``'s conventions.
+    answer is"; "loose" also searches the text (see ``extract_answer``).
+    ``max_answer_chars``: a longer final answer is wrong without parsing — degenerate
+    outputs (``\\boxed{1+1+1+…}``) would otherwise each cost a timeout and a worker.
+    The other arguments are ``equivalent``'s conventions.
     """
     gold = extract_answer(reference, strict=False)
     if gold is None:
@@ -362,6 +369,9 @@ def math_accuracy(
     if answer is None:
         how = "box, <answer> or 'the answer is'" if extraction == "strict" else "answer"
         return RewardResult(0.0, RewardStatus.NO_ANSWER, f"no final answer ({how}) found")
+    if answer.source != "search" and len(answer.text) > max_answer_chars:
+        reason = f"{answer.source}: answer of {len(answer.text)} chars, over {max_answer_chars}"
+        return RewardResult(0.0, RewardStatus.WRONG, reason)
     verdict, why = _compare(
         answer.text,
         gold.text,
@@ -384,6 +394,7 @@ def _math_accuracy_factory(
     min_significant_digits: int = 3,
     strict_variables: bool = True,
     set_relation: bool = False,
+    max_answer_chars: int = 1000,
 ) -> RewardFn:
     if extraction not in ("strict", "loose"):
         raise ValueError(f"math_accuracy extraction must be 'strict' or 'loose', got {extraction!r}")
@@ -399,6 +410,7 @@ def _math_accuracy_factory(
             min_significant_digits=min_significant_digits,
             strict_variables=strict_variables,
             set_relation=set_relation,
+            max_answer_chars=max_answer_chars,
         )
 
     return reward

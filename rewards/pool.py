@@ -234,6 +234,14 @@ class ScoringPool:
                 raise RuntimeError("ScoringPool is closed")
             return self._score(items)
 
+    def wait_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+        """Block until every worker slot holds a started worker (after a timeout, its
+        replacement takes a moment to import the rewards)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("ScoringPool is closed")
+            self._wait_until_ready(timeout_s)
+
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(rewards=dict(self._stats), worker_restarts=self._restarts)
@@ -357,12 +365,12 @@ class ScoringPool:
         self._workers[self._workers.index(w)] = _Worker(self._init)
         self._restarts += 1
 
-    def _wait_until_ready(self) -> None:
+    def _wait_until_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
         start = time.monotonic()
         while not all(w.ready for w in self._workers):
-            left = start + _STARTUP_TIMEOUT_S - time.monotonic()
+            left = start + timeout_s - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"scoring workers not ready after {_STARTUP_TIMEOUT_S:g} s")
+                raise RuntimeError(f"scoring workers not ready after {timeout_s:g} s")
             starting = {w.conn: w for w in self._workers if not w.ready}
             for conn in wait(list(starting), timeout=left):
                 w = starting[conn]
