@@ -24,9 +24,15 @@ _TAG = re.compile(r"</?(?:think|answer)>")
 
 
 def _check_shape(
-    response: str, shape: tuple[str, ...], *, think_opened_in_prompt: bool
+    response: str,
+    shape: tuple[str, ...],
+    *,
+    think_opened_in_prompt: bool,
+    allow_trailing: bool = False,
 ) -> str | None:
-    """Why ``response`` is not exactly ``shape`` (a tag sequence); None if it is."""
+    """Why ``response`` is not exactly ``shape`` (a tag sequence); None if it is.
+
+    ``allow_trailing``: text may follow the last tag (the R1 summary)."""
     text = ("<think>" + response) if think_opened_in_prompt else response
     tags = list(_TAG.finditer(text))
     found = tuple(m.group(0) for m in tags)
@@ -39,6 +45,8 @@ def _check_shape(
     bounds.append(len(text))
     gaps = [text[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
     blocks = [text[tags[k].end() : tags[k + 1].start()] for k in range(0, len(tags), 2)]
+    if allow_trailing:
+        gaps.pop()
     for i, gap in enumerate(gaps):
         if gap.strip():
             where = "before " + shape[0] if i == 0 else "after " + shape[2 * i - 1]
@@ -88,22 +96,17 @@ def r1_format(
     The summary may hold any text (markdown, a boxed answer) but no think or answer tag.
     """
     del reference
-    text = ("<think>" + response) if think_opened_in_prompt else response
-    close = text.rfind("</think>")
-    if close < 0:
-        return RewardResult(0.0, RewardStatus.WRONG, "missing </think>")
-    summary = text[close + len("</think>") :]
-    if not summary.strip():
-        return RewardResult(0.0, RewardStatus.WRONG, "no summary after </think>")
-    stray = _TAG.search(summary)
-    if stray is not None:
-        return RewardResult(0.0, RewardStatus.WRONG, f"{stray.group(0)} in the summary")
-    why = _check_shape(text[:close + len("</think>")], ("<think>", "</think>"), think_opened_in_prompt=False)
-    if why is not None:
-        if think_opened_in_prompt and why.startswith("2 <think>"):
-            why += " (the prompt already opened it)"
-        return RewardResult(0.0, RewardStatus.WRONG, why)
-    return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
+    why = _check_shape(
+        response,
+        ("<think>", "</think>"),
+        think_opened_in_prompt=think_opened_in_prompt,
+        allow_trailing=True,
+    )
+    if why is None and not response.partition("</think>")[2].strip():
+        why = "no summary after </think>"
+    if why is None:
+        return RewardResult(1.0, RewardStatus.CORRECT, "format ok")
+    return RewardResult(0.0, RewardStatus.WRONG, why)
 
 
 @register("format_r1zero")
