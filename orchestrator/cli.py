@@ -147,8 +147,10 @@ def data_make(
 
 
 def _register_optional() -> None:
+    import importlib
+
     try:
-        from orchestrator import verify_math
+        verify_math = importlib.import_module("orchestrator.verify_math")
     except ModuleNotFoundError as err:
         if err.name != "orchestrator.verify_math":
             raise
