@@ -95,21 +95,23 @@ def _match_brace(text: str, open_at: int) -> int | None:
     return None
 
 
-def _boxes(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every closed ``\\boxed{…}``/``\\fbox{…}`` outside another box."""
+def _boxes(text: str) -> list[tuple[int, int]] | None:
+    """(start, end) of every ``\\boxed{…}``/``\\fbox{…}`` outside another box; None
+    when the last one never closes (a truncated response states no final answer)."""
     spans = []
     pos = 0
     while (m := _BOX_OPEN.search(text, pos)) is not None:
         end = _match_brace(text, m.end() - 1)
-        if end is None:  # unclosed: nothing after it can close either
-            break
+        if end is None:  # and no later box can close inside it
+            return None
         spans.append((m.start(), end))
         pos = end
     return spans
 
 
 def last_boxed(text: str) -> str | None:
-    """The last closed ``\\boxed{…}`` or ``\\fbox{…}`` in ``text``, wrapper included."""
+    """The last ``\\boxed{…}`` or ``\\fbox{…}`` in ``text``, wrapper included; None if
+    there is none or it is not closed."""
     spans = _boxes(text)
     if not spans:
         return None
@@ -135,13 +137,12 @@ def _is_separator(gap: str) -> bool:
     return len(words) <= _BOX_SEPARATOR_MAX_WORDS
 
 
-def _boxed_run(text: str) -> tuple[int, str] | None:
+def _boxed_run(text: str, spans: list[tuple[int, int]] | None) -> tuple[int, str] | None:
     """Start and text of the last boxed answer with the boxes it is listed with.
 
     ``\\boxed{1} and \\boxed{2}`` is one answer, {1, 2} (Math-Verify joins them the same
-    way); a box three sentences back is not part of it.
+    way); a box three sentences back is not part of it. ``spans``: ``_boxes(text)``.
     """
-    spans = _boxes(text)
     if not spans:
         return None
     first = len(spans) - 1
@@ -189,7 +190,7 @@ def extract_answer(response: str, *, strict: bool = True) -> Answer | None:
         open_ = response.rfind("<answer>", 0, close)
         if open_ >= 0:
             inner = response[open_ + len("<answer>") : close].strip()
-            boxed = _boxed_run(inner)
+            boxed = _boxed_run(inner, _boxes(inner))
             return Answer(boxed[1] if boxed is not None else inner, "answer_tag") if inner else None
     think_end = response.rfind("</think>")
     if think_end >= 0:
@@ -198,9 +199,12 @@ def extract_answer(response: str, *, strict: bool = True) -> Answer | None:
         return None
     else:
         region = response
+    spans = _boxes(region)
+    if spans is None:
+        return None  # cut off inside its final box
     # The final answer is the last one stated: "… \\boxed{255} … The final answer is
     # $10,455$." answers 10,455.
-    boxed = _boxed_run(region)
+    boxed = _boxed_run(region, spans)
     stated = _after_marker(region)
     if boxed is not None and (stated is None or boxed[0] > stated[0]):
         return Answer(boxed[1], "boxed")
@@ -283,6 +287,8 @@ def _compare(
         # A decimal counts as an exact value when it matches to every place it shows
         # and has enough significant digits: 2.6667 = 8/3, 0.067 ≠ 0.066793.
         float_rounding = _decimal_places(pred, min_significant_digits) or 6
+    # raise_on_error: Math-Verify would otherwise turn a failing comparison into False,
+    # a verifier bug disguised as a wrong answer; raised, the pool reports ERROR.
     same = verify(
         gold_parsed,
         pred_parsed,
@@ -290,6 +296,7 @@ def _compare(
         strict=strict_variables,
         allow_set_relation_comp=set_relation,
         timeout_seconds=None,
+        raise_on_error=True,
     )
     shown = f"{_shown(pred_parsed)} {'=' if same else '≠'} {_shown(gold_parsed)}"
     return same, shown
@@ -318,7 +325,7 @@ def equivalent(
 
     Conventions (they differ between graders, so they are arguments):
       float_rounding: decimal places floats are rounded to before comparing. None: the
-        places the prediction shows, when each of its decimals has at least
+        places shown by the prediction's most precise decimal, when that has at least
         ``min_significant_digits`` significant digits (2.6667 = 8/3, 0.3333 = 1/3,
         0.067 ≠ 0.066793), else 6 (Math-Verify's default).
       strict_variables: f(x) ≠ f(y) (Math-Verify ``strict=True``).

@@ -81,6 +81,7 @@ def test_extract_answer(response, answer, source):
         "<think>the answer is \\boxed{4}",  # reasoning never finished
         "<think>done</think>",  # nothing after the reasoning
         "start \\boxed{never closes",
+        "first \\boxed{5}, then \\boxed{12",  # cut off inside its final box
         "<answer></answer>",
     ],
 )
@@ -102,7 +103,8 @@ def test_extraction_is_linear_on_a_megabyte():
     response = "x " * 500_000 + "\\boxed{3}"
     start = time.perf_counter()
     assert math_accuracy(response, "3").status is RewardStatus.CORRECT
-    assert extract_answer("{" * 100_000 + "\\boxed{" * 10_000, strict=False) is not None
+    assert extract_answer("{" * 100_000 + "\\boxed{" * 10_000, strict=False) is None  # unclosed
+    assert extract_answer("\\boxed{1}, " * 50_000, strict=False) is not None
     assert time.perf_counter() - start < 2.0
 
 
