@@ -683,17 +683,24 @@ def _execute(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...], status_r
     poller.register(pidfd, select.POLLIN)
     open_fds = set(bufs)
     exited_at: float | None = None
+    killed_at: float | None = None
     timed_out = False
     overflow: str | None = None
     try:
         while open_fds:
             now = time.monotonic()
-            if exited_at is None and now >= deadline:
+            if exited_at is None and killed_at is None and now >= deadline:
                 timed_out = True
-                break
-            # After the exit, pipes close at once unless something we cannot reach holds
-            # them; give up on those after half a second.
-            wait_until = deadline if exited_at is None else exited_at + 0.5
+                killed_at = now
+                kill(proc.pid, pidfd)
+            # After an exit or a kill, read on until every holder of the pipes is gone (so
+            # a run's processes are dead when it returns), but not forever.
+            if killed_at is not None:
+                wait_until = killed_at + 2.0
+            elif exited_at is not None:
+                wait_until = exited_at + 0.5
+            else:
+                wait_until = deadline
             if now >= wait_until:
                 break
             for fd, _event in poller.poll(max(0.0, wait_until - now) * 1000):
@@ -706,19 +713,20 @@ def _execute(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...], status_r
                     poller.unregister(fd)
                     open_fds.discard(fd)
                     continue
+                if fd != status_r and len(bufs[fd]) + len(chunk) > limits.output_bytes:
+                    chunk = chunk[: limits.output_bytes - len(bufs[fd])]
+                    if overflow is None and killed_at is None:
+                        overflow = "stdout" if fd == out_fd else "stderr"
+                        killed_at = time.monotonic()
+                        kill(proc.pid, pidfd)
                 bufs[fd] += chunk
-                if fd != status_r and len(bufs[fd]) > limits.output_bytes:
-                    overflow = "stdout" if fd == out_fd else "stderr"
-                    del bufs[fd][limits.output_bytes:]
-            if overflow:
-                break
     finally:
         # Every way out of the loop leaves no process behind.
         if exited_at is None and not _exited(pidfd):
             kill(proc.pid, pidfd)
         _, wait_status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(wait_status)
-        wall = (exited_at or time.monotonic()) - start
+        wall = min(exited_at or time.monotonic(), killed_at or math.inf) - start
         for fd in open_fds:  # what is already buffered, without blocking
             os.set_blocking(fd, False)
             try:
