@@ -107,7 +107,8 @@ def test_think_opened_in_prompt(name, response, score):
 
 
 def test_opened_twice_says_why():
-    reason = build_reward("format_r1zero", think_opened_in_prompt=True)("<think>a</think><answer>4</answer>", "").reason
+    reward = build_reward("format_r1zero", think_opened_in_prompt=True)
+    reason = reward("<think>a</think><answer>4</answer>", "").reason
     assert "the prompt already opened it" in reason
 
 

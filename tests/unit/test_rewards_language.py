@@ -113,4 +113,5 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="han_chars_per_word"):
         build_reward("language_consistency", han_chars_per_word=0.5)
     one_char_words = build_reward("language_consistency", language="zh", han_chars_per_word=1.0)
-    assert one_char_words("<think>我们需要计算 the derivative</think>", "").score == pytest.approx(6 / 8)
+    result = one_char_words("<think>我们需要计算 the derivative</think>", "")
+    assert result.score == pytest.approx(6 / 8)
