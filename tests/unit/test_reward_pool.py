@@ -238,3 +238,36 @@ def test_close_stops_the_workers():
 def test_stats_start_at_zero():
     with _pool("_test_misbehave", workers=1) as pool:
         assert pool.stats() == PoolStats(rewards={"_test_misbehave": RewardStats()}, worker_restarts=0)
+
+
+def test_workers_exit_when_their_parent_dies(tmp_path):
+    # A parent killed mid-call must not leave a worker spinning in sympy for ever.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import os, sys, threading, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from rewards.config import RewardSpec
+from rewards.pool import ScoringPool
+pool = ScoringPool([RewardSpec(name="_test_spin")], workers=1, timeout_s=600, imports=[{__name__!r}])
+threading.Thread(target=pool.score, args=([("x", "y")],), daemon=True).start()
+time.sleep(0.5)
+print(pool._workers[0].process.pid, flush=True)
+os._exit(0)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    status = Path(f"/proc/{pid}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in status.read_text():  # exited, not yet reaped by init
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail(f"worker {pid} outlived its parent")
