@@ -31,8 +31,10 @@ from rewards.registry import RewardFn, register
 from rewards.types import RewardResult, RewardStatus
 
 # Math-Verify warns once per process that its timeout is off; the pool is our timeout.
-logging.getLogger("math_verify.parser").setLevel(logging.ERROR)
-logging.getLogger("math_verify.grader").setLevel(logging.ERROR)
+# Quieted only where the user has not set a level of their own.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 Extraction = Literal["strict", "loose"]
 
