@@ -100,6 +100,33 @@ def _summary(run_dir: Path) -> None:
     console.print(table)
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where models, data and runs go")] = Path("runs"),
+    steps: Annotated[Optional[int], typer.Option(help="GRPO steps (default: the config's)")] = None,
+    config: Annotated[Path, typer.Option("-c", "--config")] = Path("configs/demo/grpo.yaml"),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """GRPO on the synthetic addition task, on this machine's CPUs: builds a tiny base
+    model and the data if they are missing, then trains and reports."""
+    from orchestrator.tasks import make_dataset
+    from orchestrator.tinymodel import build_tiny_model
+
+    model_dir, data_dir = out / "models" / "tiny-addition", out / "data" / "addition"
+    if not (model_dir / "model.safetensors").exists():
+        console.print(f"building a tiny base model in {model_dir} (pretraining on a noisy corpus)")
+        with _progress() as progress:
+            bar = progress.add_task("pretrain", total=600, info="")
+            build_tiny_model(model_dir, progress=lambda s, n, loss: progress.update(bar, completed=s, info=f"loss {loss:.3f}"))
+    if not (data_dir / "train.jsonl").exists():
+        make_dataset("addition", data_dir)
+    overrides = [f"model.path={model_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
+                 f"data.test_path={data_dir / 'test.jsonl'}", f"run.output_dir={out}"]
+    if steps is not None:
+        overrides.append(f"grpo.steps={steps}")
+    run("grpo", config, overrides, verbose)
+
+
 @app.command("init-model")
 def init_model(
     out: Annotated[Path, typer.Argument(help="directory to write the model into")],
