@@ -365,7 +365,9 @@ class Sandbox:
         result = _classify(raw, "cpp-compile", COMPILE_LIMITS)
         if result.status is RunStatus.SANDBOX_ERROR:
             return result
-        return _no_run(RunStatus.COMPILE_ERROR, f"compilation failed ({result.detail})",
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        first = errors[0][:200] if errors else result.detail
+        return _no_run(RunStatus.COMPILE_ERROR, f"compilation failed: {first}",
                        stderr=result.stderr[-8000:], wall_s=result.wall_s, cpu_s=result.cpu_s)
 
     def _runner(self, tier: Tier) -> Callable[[str | bytes, str, bytes, Limits], _Raw]:

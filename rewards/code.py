@@ -1,0 +1,589 @@
+"""Code reward: run the response's program against test cases (DeepSeek-R1 §2.2.2).
+
+"For LeetCode problems, a compiler can be used to generate feedback based on predefined
+test cases." The response's last fenced code block (after ``</think>`` when there is
+one) runs in ``rewards.sandbox``; the reward is 1 only if every test passes (the
+paper's rule), or, with ``pass_fraction``, the share of tests passed.
+
+The reference is a JSON string naming the tests. Kinds (unknown keys are an error):
+
+``{"kind": "stdio", "language": "python"|"cpp", "cases": [{"stdin": "...", "stdout": "..."}]}``
+    Competitive programming. ``"inputs": [...], "outputs": [...]`` may replace
+    ``cases``; a null stdin is empty. Each case is one run. Output must match line for
+    line: every expected line compared, trailing whitespace and trailing blank lines
+    ignored, nothing else (no float tolerance, no alternative answers).
+``{"kind": "assert", "setup": "imports", "tests": ["assert f(1) == 2", ...]}``
+    MBPP ``test_list``. Each assert is one test.
+``{"kind": "check", "setup": "...", "test": "def check(candidate): ...", "entry_point": "f"}``
+    HumanEval: the harness calls ``check(f)``. With ``entry_point`` null the test code
+    calls ``check`` itself (LeetCode-style ``check(Solution().method)``). One test.
+``{"kind": "functional", "setup": "...", "fn_name": "f", "cases": [{"input": "[1, 2]\\n3", "output": "4"}]}``
+    LiveCodeBench "functional": one JSON argument per input line, the result compared
+    with the JSON output after a JSON round trip (tuples read as lists). A method of a
+    ``Solution`` class is called on a fresh instance per case.
+``{"kind": "test_functions", "setup": "...", "test": "from solution import f\\ndef test_a(): ..."}``
+    A pytest-style file (KodCode): each zero-argument ``test_*`` function is one test.
+
+``setup`` (default empty) runs before the program in its namespace: the imports a
+data set assumes (``LEETCODE_IMPORTS`` for LeetCode/LiveCodeBench). In all but
+``stdio`` the program is imported as module ``solution`` (so its ``__main__`` block
+does not run) and the tests run in the same interpreter, as HumanEval, MBPP and
+LiveCodeBench do: a program written to defeat its own checks from inside (an object
+whose ``__eq__`` is always true, say) can pass them. Forged reports and ``sys.exit(0)``
+cannot: results travel under a per-run token, and a test counts only when reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import secrets
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rewards.registry import RewardFn, register
+from rewards.sandbox import Limits, RunResult, RunStatus, SandboxConfig, Tier, configure, run_program
+from rewards.types import RewardResult, RewardStatus
+
+# What LeetCode's judge and LiveCodeBench's harness put before a Python solution.
+LEETCODE_IMPORTS = """\
+import sys, os, re, math, copy, heapq, bisect, random, string, functools, itertools, operator, collections
+from typing import *
+from collections import *
+from heapq import *
+from bisect import *
+from itertools import *
+from functools import *
+from math import *
+from string import *
+from operator import *
+sys.setrecursionlimit(10 ** 6)
+try:
+    from sortedcontainers import SortedList, SortedDict, SortedSet
+except ImportError:
+    pass
+inf = float("inf")
+"""
+
+
+class TestSpecError(ValueError):
+    """The reference does not describe tests we can run (the data's fault, not the model's)."""
+
+
+# ------------------------------------------------------------------ test specs
+
+
+@dataclass(frozen=True)
+class StdioSpec:
+    language: str
+    cases: tuple[tuple[str, str], ...]  # (stdin, expected stdout)
+
+    @property
+    def total(self) -> int:
+        return len(self.cases)
+
+
+@dataclass(frozen=True)
+class HarnessSpec:
+    """Tests run by the in-sandbox Python harness: kinds assert, check, functional,
+    test_functions. ``tests`` holds one entry per test (for ``check`` the test code,
+    for ``functional`` an (input, output) pair, for ``test_functions`` the file)."""
+
+    kind: str
+    setup: str
+    tests: tuple[Any, ...]
+    entry_point: str | None = None
+    total_hint: int | None = None  # test_functions: how many test_* functions
+
+    @property
+    def total(self) -> int:
+        return self.total_hint if self.total_hint is not None else len(self.tests)
+
+
+TestSpec = StdioSpec | HarnessSpec
+
+_KEYS = {
+    "stdio": {"kind", "language", "cases", "inputs", "outputs"},
+    "assert": {"kind", "setup", "tests"},
+    "check": {"kind", "setup", "test", "entry_point"},
+    "functional": {"kind", "setup", "fn_name", "cases"},
+    "test_functions": {"kind", "setup", "test"},
+}
+_TEST_FUNCTION = re.compile(r"^def (test\w*)\s*\(", re.MULTILINE)
+
+
+def _text(obj: dict[str, Any], key: str, *, default: str | None = None, allow_null: bool = False) -> str:
+    value = obj.get(key, default)
+    if value is None and allow_null:
+        return ""
+    if not isinstance(value, str):
+        raise TestSpecError(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_tests(reference: str) -> TestSpec:
+    """Parse a reference JSON string into a test spec; raises TestSpecError saying why not."""
+    try:
+        obj = json.loads(reference)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise TestSpecError(f"reference is not JSON: {err}") from None
+    if not isinstance(obj, dict) or obj.get("kind") not in _KEYS:
+        raise TestSpecError(f'reference needs "kind", one of {sorted(_KEYS)}')
+    kind = obj["kind"]
+    unknown = set(obj) - _KEYS[kind]
+    if unknown:
+        raise TestSpecError(f"unknown keys for kind {kind!r}: {sorted(unknown)}; allowed: {sorted(_KEYS[kind])}")
+    setup = _text(obj, "setup", default="")
+    if kind == "stdio":
+        language = _text(obj, "language", default="python")
+        if language not in ("python", "cpp"):
+            raise TestSpecError(f'"language" must be "python" or "cpp", got {language!r}')
+        if "cases" in obj and ("inputs" in obj or "outputs" in obj):
+            raise TestSpecError('give either "cases" or "inputs"/"outputs", not both')
+        if "cases" in obj:
+            if not isinstance(obj["cases"], list) or not all(isinstance(c, dict) for c in obj["cases"]):
+                raise TestSpecError('"cases" must be a list of {"stdin": ..., "stdout": ...}')
+            for case in obj["cases"]:
+                if set(case) != {"stdin", "stdout"}:
+                    raise TestSpecError(f'each case has exactly "stdin" and "stdout", got {sorted(case)}')
+            cases = tuple((_text(c, "stdin", allow_null=True), _text(c, "stdout")) for c in obj["cases"])
+        else:
+            inputs, outputs = obj.get("inputs"), obj.get("outputs")
+            if not isinstance(inputs, list) or not isinstance(outputs, list):
+                raise TestSpecError('stdio tests need "cases", or both "inputs" and "outputs" lists')
+            if len(inputs) != len(outputs):
+                raise TestSpecError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+            cases = tuple(
+                (_text({"stdin": i}, "stdin", allow_null=True), _text({"stdout": o}, "stdout"))
+                for i, o in zip(inputs, outputs, strict=True)
+            )
+        if not cases:
+            raise TestSpecError("no test cases")
+        return StdioSpec(language, cases)
+    if kind == "assert":
+        tests = obj.get("tests")
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+            raise TestSpecError('"tests" must be a non-empty list of assert statements')
+        return HarnessSpec(kind, setup, tuple(tests))
+    if kind == "check":
+        entry = obj.get("entry_point")
+        if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
+            raise TestSpecError(f'"entry_point" must be a function name or null, got {entry!r}')
+        return HarnessSpec(kind, setup, (_text(obj, "test"),), entry_point=entry)
+    if kind == "functional":
+        fn_name = _text(obj, "fn_name")
+        if not fn_name.isidentifier():
+            raise TestSpecError(f'"fn_name" must be an identifier, got {fn_name!r}')
+        cases = obj.get("cases")
+        if not isinstance(cases, list) or not cases:
+            raise TestSpecError('"cases" must be a non-empty list of {"input": ..., "output": ...}')
+        pairs = []
+        for case in cases:
+            if not isinstance(case, dict) or set(case) != {"input", "output"}:
+                raise TestSpecError('each functional case has exactly "input" and "output"')
+            raw_in, raw_out = _text(case, "input"), _text(case, "output")
+            try:
+                args = [json.loads(line) for line in raw_in.split("\n") if line.strip()]
+                expected = json.loads(raw_out)
+            except json.JSONDecodeError as err:
+                raise TestSpecError(f"functional case is not JSON lines: {err}") from None
+            pairs.append((args, expected))
+        return HarnessSpec(kind, setup, tuple(pairs), entry_point=fn_name)
+    test = _text(obj, "test")  # test_functions
+    names = _TEST_FUNCTION.findall(test)
+    if not names:
+        raise TestSpecError("test file defines no top-level test_* function")
+    return HarnessSpec(kind, setup, (test,), total_hint=len(names))
+
+
+# ------------------------------------------------------------------ extraction
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.DOTALL | re.MULTILINE)
+_TAGS = {"python": {"python", "py", "python3"}, "cpp": {"cpp", "c++", "cxx", "cc"}}
+
+
+def extract_code(response: str, language: str = "python") -> str | None:
+    """The last fenced code block of the final answer, dedented; None if there is none.
+
+    Text up to the last ``</think>`` is reasoning, not answer, and is skipped. A block
+    tagged with ``language`` wins over a later untagged one; a block tagged with another
+    language never counts.
+    """
+    answer = response.rsplit("</think>", 1)[-1]
+    tagged, untagged = None, None
+    for match in _FENCE.finditer(answer):
+        tag = match.group(1).lower()
+        if tag in _TAGS[language]:
+            tagged = match.group(2)
+        elif not tag:
+            untagged = match.group(2)
+    block = tagged if tagged is not None else untagged
+    return None if block is None else textwrap.dedent(block)
+
+
+# ------------------------------------------------------------------ grading
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """One test's verdict. ``status``: passed, wrong_answer, runtime_error, timeout,
+    memory, output_limit, compile_error, not_run, sandbox_error, bad_test."""
+
+    index: int
+    status: str
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass(frozen=True)
+class Grade:
+    outcomes: tuple[TestOutcome, ...]
+
+    @property
+    def passed(self) -> int:
+        return sum(o.passed for o in self.outcomes)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def all_passed(self) -> bool:
+        return self.passed == self.total
+
+    @property
+    def first_failure(self) -> TestOutcome | None:
+        return next((o for o in self.outcomes if not o.passed), None)
+
+
+_status_counts: collections.Counter[str] = collections.Counter()
+_status_lock = threading.Lock()
+
+
+def status_counts() -> dict[str, int]:
+    """How every sandbox run of the code reward in this process ended, by RunResult
+    status, since start-up (monotonic counters, for metrics)."""
+    with _status_lock:
+        return {status.value: _status_counts[status.value] for status in RunStatus}
+
+
+def _run(source: str, language: str, stdin: str, limits: Limits) -> RunResult:
+    result = run_program(source, language=language, stdin=stdin, limits=limits)
+    with _status_lock:
+        _status_counts[result.status.value] += 1
+    return result
+
+
+def _norm_lines(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def compare_stdout(expected: str, actual: str) -> str | None:
+    """None if ``actual`` matches ``expected`` line for line (trailing whitespace and
+    trailing blank lines aside), else what differs."""
+    want, got = _norm_lines(expected), _norm_lines(actual)
+    for number, (w, g) in enumerate(zip(want, got), start=1):
+        if w != g:
+            return f"line {number}: expected {w[:60]!r}, got {g[:60]!r}"
+    if len(want) != len(got):
+        return f"expected {len(want)} lines, got {len(got)}"
+    return None
+
+
+def _run_failure(result: RunResult) -> str:
+    tail = result.stderr.strip().splitlines()[-1][:160] if result.stderr.strip() else ""
+    return "; ".join(part for part in (result.detail, tail) if part)
+
+
+def _grade_stdio(code: str, spec: StdioSpec, budget_s: float, test_timeout_s: float | None,
+                 memory_bytes: int, keep_going: bool) -> Grade:
+    outcomes: list[TestOutcome] = []
+    started = time.monotonic()
+    for index, (stdin, expected) in enumerate(spec.cases):
+        remaining = budget_s - (time.monotonic() - started)
+        if remaining <= 0.05:
+            outcomes += [TestOutcome(i, "timeout", "problem time budget spent")
+                         for i in range(index, len(spec.cases))]
+            break
+        limit = min(remaining, test_timeout_s or remaining)
+        result = _run(code, spec.language, stdin, Limits(cpu_s=limit, wall_s=limit, memory_bytes=memory_bytes))
+        if result.status is RunStatus.OK:
+            diff = compare_stdout(expected, result.stdout)
+            outcome = TestOutcome(index, "passed" if diff is None else "wrong_answer", diff or "")
+        else:
+            outcome = TestOutcome(index, result.status.value, _run_failure(result))
+        outcomes.append(outcome)
+        if outcome.status in ("compile_error", "sandbox_error"):  # the same for every case
+            outcomes += [TestOutcome(i, outcome.status, outcome.detail) for i in range(index + 1, len(spec.cases))]
+            break
+        if not outcome.passed and not keep_going:
+            outcomes += [TestOutcome(i, "not_run") for i in range(index + 1, len(spec.cases))]
+            break
+    return Grade(tuple(outcomes))
+
+
+# The in-sandbox harness. Its job (program, setup, tests, token) arrives on stdin and is
+# erased from it before the program runs, so the program sees an empty stdin and cannot
+# reread the job through /proc/self/fd/0. Reports go to a duplicate of fd 1, each on its
+# own line behind the token; the program's own output is ignored. Everything lives in
+# one function's locals: nothing for ``import __main__`` to find.
+_HARNESS = r"""
+def _harness():
+    import inspect, json, linecache, os, sys, traceback, types
+
+    job = json.loads(sys.stdin.read())
+    try:
+        os.ftruncate(0, 0)
+    except OSError:
+        pass
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    token = job.pop("token")
+    out = os.dup(1)
+
+    def report(**event):
+        os.write(out, ("\n" + token + " " + json.dumps(event) + "\n").encode())
+
+    def why(err):
+        where = ""
+        for frame in reversed(traceback.extract_tb(err.__traceback__)):
+            if frame.filename == "<test>" and frame.line:
+                where = " at: " + frame.line.strip()
+                break
+        text = (type(err).__name__ + ": " + str(err)).strip().rstrip(":")
+        return text[:200] + where[:200]
+
+    def compile_test(source):
+        # Registered so that a failing line can be quoted in the report.
+        linecache.cache["<test>"] = (len(source), None, source.splitlines(True), "<test>")
+        return compile(source, "<test>", "exec")
+
+    def verdict(err):
+        if isinstance(err, AssertionError):
+            return "wrong_answer"
+        if isinstance(err, MemoryError):
+            return "memory"
+        return "runtime_error"
+
+    module = types.ModuleType("solution")
+    module.__file__ = "solution.py"
+    sys.modules["solution"] = module
+    ns = module.__dict__
+    try:
+        exec(compile(job["setup"], "<setup>", "exec"), ns)
+    except BaseException as err:
+        report(event="bad_test", detail="setup failed: " + why(err))
+        os._exit(0)
+    try:
+        code = compile(job["program"], "solution.py", "exec")
+    except (SyntaxError, ValueError) as err:
+        report(event="compile_error", detail=(type(err).__name__ + ": " + str(err))[:300])
+        os._exit(0)
+    try:
+        exec(code, ns)
+    except BaseException as err:
+        report(event="load_error", status=verdict(err), detail="importing the program: " + why(err))
+        os._exit(0)
+    report(event="loaded")
+
+    def run_test(index, body):
+        try:
+            body()
+        except BaseException as err:
+            report(event="test", index=index, status=verdict(err), detail=why(err))
+        else:
+            report(event="test", index=index, status="passed")
+
+    def function(name):
+        solution = ns.get("Solution")
+        if isinstance(solution, type) and hasattr(solution, name):
+            return getattr(solution(), name)
+        if callable(ns.get(name)):
+            return ns[name]
+        raise NameError("the program defines no function or Solution method " + repr(name))
+
+    kind = job["kind"]
+    if kind == "assert":
+        for index, test in enumerate(job["tests"]):
+            run_test(index, lambda: exec(compile_test(test), ns))
+    elif kind == "check":
+        def check():
+            exec(compile_test(job["tests"][0]), ns)
+            if job["entry_point"] is not None:
+                if job["entry_point"] not in ns:
+                    raise NameError("the program defines no " + repr(job["entry_point"]))
+                ns["check"](ns[job["entry_point"]])
+        run_test(0, check)
+    elif kind == "functional":
+        def case(args, expected):
+            got = function(job["entry_point"])(*args)
+            try:
+                got = json.loads(json.dumps(got))
+            except (TypeError, ValueError):
+                raise AssertionError("result is not JSON-like: " + repr(got)[:100]) from None
+            if got != expected:
+                raise AssertionError("expected " + repr(expected)[:80] + ", got " + repr(got)[:80])
+        for index, (args, expected) in enumerate(job["tests"]):
+            run_test(index, lambda: case(args, expected))
+    elif kind == "test_functions":
+        tests_ns = {"__name__": "test_solution"}
+        try:
+            exec(compile_test(job["tests"][0]), tests_ns)
+        except ImportError as err:
+            if getattr(err, "name", None) == "solution":  # the program lacks a name the tests import
+                report(event="load_error", status="runtime_error", detail=why(err))
+            else:
+                report(event="bad_test", detail="test file imports fail: " + why(err))
+            os._exit(0)
+        except BaseException as err:
+            report(event="bad_test", detail="test file fails: " + why(err))
+            os._exit(0)
+        fns = [f for n, f in tests_ns.items() if n.startswith("test") and inspect.isfunction(f)]
+        for f in fns:
+            if any(p.default is p.empty for p in inspect.signature(f).parameters.values()):
+                report(event="bad_test", detail=f.__name__ + " needs pytest fixtures")
+                os._exit(0)
+        report(event="count", count=len(fns))
+        for index, f in enumerate(fns):
+            run_test(index, f)
+    report(event="done")
+    os._exit(0)
+
+
+_harness()
+"""
+
+
+def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: int) -> Grade:
+    # A token the program cannot guess, so it cannot print fake results. It never
+    # changes a verdict: an honest run is graded the same whatever the token.
+    token = secrets.token_hex(16)
+    job = {
+        "token": token, "kind": spec.kind, "setup": spec.setup, "program": code,
+        "tests": list(spec.tests), "entry_point": spec.entry_point,
+    }
+    result = _run(_HARNESS, "python", json.dumps(job),
+                  Limits(cpu_s=budget_s, wall_s=budget_s, memory_bytes=memory_bytes))
+    events = []
+    for line in result.stdout.split("\n"):
+        if line.startswith(token + " "):
+            try:
+                events.append(json.loads(line[len(token) + 1:]))
+            except json.JSONDecodeError:
+                continue
+    total = next((e["count"] for e in events if e["event"] == "count"), spec.total)
+    if result.status is RunStatus.SANDBOX_ERROR:
+        return Grade(tuple(TestOutcome(i, "sandbox_error", result.detail) for i in range(total)))
+    for event in events:
+        if event["event"] == "bad_test":
+            return Grade(tuple(TestOutcome(i, "bad_test", event["detail"]) for i in range(total)))
+        if event["event"] == "compile_error":
+            return Grade(tuple(TestOutcome(i, "compile_error", event["detail"]) for i in range(total)))
+        if event["event"] == "load_error":
+            return Grade(tuple(TestOutcome(i, event["status"], event["detail"]) for i in range(total)))
+    reported = {e["index"]: TestOutcome(e["index"], e["status"], e.get("detail", ""))
+                for e in events if e["event"] == "test"}
+    finished = any(e["event"] == "done" for e in events)
+    outcomes = []
+    for index in range(total):
+        if index in reported:
+            outcomes.append(reported[index])
+        elif index == len(reported) and not finished:  # the test that was running
+            if result.status is RunStatus.OK:
+                why = "the program ended the process during the test"
+                outcomes.append(TestOutcome(index, "runtime_error", why))
+            else:
+                outcomes.append(TestOutcome(index, result.status.value, _run_failure(result)))
+        else:
+            outcomes.append(TestOutcome(index, "not_run"))
+    return Grade(tuple(outcomes))
+
+
+def grade(code: str, spec: TestSpec, *, time_budget_s: float = 4.0, test_timeout_s: float | None = None,
+          memory_bytes: int = Limits().memory_bytes, keep_going: bool = False) -> Grade:
+    """Run ``code`` against ``spec`` in the sandbox, within ``time_budget_s`` of wall
+    clock for the whole problem. ``keep_going``: run every stdio case even after one
+    fails (to count a pass fraction). Runs in this process's sandbox (``configure``)."""
+    if isinstance(spec, StdioSpec):
+        return _grade_stdio(code, spec, time_budget_s, test_timeout_s, memory_bytes, keep_going)
+    return _grade_harness(code, spec, time_budget_s, memory_bytes)
+
+
+# ------------------------------------------------------------------ the reward
+
+
+class CodeRewardOptions(BaseModel):
+    """Options of the ``code_tests`` reward (RewardSpec.options)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pass_fraction: bool = Field(
+        default=False, description="score = share of tests passed; the paper (default) gives 1 only if all pass"
+    )
+    time_budget_s: float = Field(
+        default=4.0, gt=0,
+        description="wall clock for all tests of one problem; keep it under RewardsConfig.timeout_s",
+    )
+    test_timeout_s: float | None = Field(default=None, gt=0, description="per stdio case; None = what the budget has left")
+    memory_bytes: int = Field(default=Limits().memory_bytes, ge=256 << 20)
+    min_tier: Tier = Tier.NAMESPACES
+    tier: Tier | None = None
+
+
+def _summary(grade_: Grade) -> str:
+    head = f"passed {grade_.passed}/{grade_.total} tests"
+    failure = grade_.first_failure
+    if failure is None:
+        return head
+    detail = f": {failure.detail}" if failure.detail else ""
+    return f"{head}; test {failure.index + 1} {failure.status}{detail}"[:400]
+
+
+def code_reward(response: str, reference: str, options: CodeRewardOptions) -> RewardResult:
+    """Grade the response's last code block against the reference's tests."""
+    try:
+        spec = parse_tests(reference)
+    except TestSpecError as err:
+        return RewardResult(0.0, RewardStatus.UNGRADABLE, f"bad tests: {err}")
+    language = spec.language if isinstance(spec, StdioSpec) else "python"
+    code = extract_code(response, language)
+    if code is None or not code.strip():
+        return RewardResult(0.0, RewardStatus.NO_ANSWER, f"no fenced {language} code block")
+    result = grade(code, spec, time_budget_s=options.time_budget_s, test_timeout_s=options.test_timeout_s,
+                   memory_bytes=options.memory_bytes, keep_going=options.pass_fraction)
+    reason = _summary(result)
+    statuses = {o.status for o in result.outcomes}
+    if "bad_test" in statuses:
+        return RewardResult(0.0, RewardStatus.UNGRADABLE, reason)
+    if "sandbox_error" in statuses:
+        return RewardResult(0.0, RewardStatus.ERROR, reason)
+    if result.all_passed:
+        return RewardResult(1.0, RewardStatus.CORRECT, reason)
+    score = result.passed / result.total if options.pass_fraction else 0.0
+    return RewardResult(score, RewardStatus.WRONG, reason)
+
+
+@register("code_tests")
+def _code_tests_factory(**options: Any) -> RewardFn:
+    opts = CodeRewardOptions(**options)
+    # Start-up: build and self-test the sandbox now, so a host that cannot contain
+    # programs fails here, loudly, not at the first code problem.
+    configure(SandboxConfig(min_tier=opts.min_tier, tier=opts.tier))
+
+    def reward(response: str, reference: str) -> RewardResult:
+        return code_reward(response, reference, opts)
+
+    return reward
