@@ -58,7 +58,7 @@ class RolloutActor:
         return True
 
     def _params(self, n: int, *, temperature: float | None, top_p: float | None,
-                max_new_tokens: int | None, seed: int | None):
+                max_new_tokens: int | None, seed: int | None, ignore_eos: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -69,17 +69,18 @@ class RolloutActor:
             max_tokens=self.config.max_new_tokens if max_new_tokens is None else max_new_tokens,
             logprobs=0,  # the sampled token's own log-prob
             seed=seed,
+            ignore_eos=ignore_eos,
             # One output per request holding all n completions, once all are done.
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     def stream_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
                       temperature: float | None = None, top_p: float | None = None,
-                      max_new_tokens: int | None = None) -> Iterator[Group]:
+                      max_new_tokens: int | None = None, ignore_eos: bool = False) -> Iterator[Group]:
         """Sample ``samples_per_prompt`` completions per prompt; yield each prompt's group
         as soon as all its completions are done (a Ray streaming generator)."""
         params = self._params(samples_per_prompt, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, seed=None)
+                              max_new_tokens=max_new_tokens, seed=None, ignore_eos=ignore_eos)
         by_id = {}
         requests = []
         for p in prompts:
