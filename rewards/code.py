@@ -72,7 +72,7 @@ inf = float("inf")
 """
 
 
-class TestSpecError(ValueError):
+class BadReferenceError(ValueError):
     """The reference does not describe tests we can run (the data's fault, not the model's)."""
 
 
@@ -123,82 +123,82 @@ def _text(obj: dict[str, Any], key: str, *, default: str | None = None, allow_nu
     if value is None and allow_null:
         return ""
     if not isinstance(value, str):
-        raise TestSpecError(f"{key!r} must be a string, got {type(value).__name__}")
+        raise BadReferenceError(f"{key!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def parse_tests(reference: str) -> TestSpec:
-    """Parse a reference JSON string into a test spec; raises TestSpecError saying why not."""
+    """Parse a reference JSON string into a test spec; raises BadReferenceError saying why not."""
     try:
         obj = json.loads(reference)
     except (json.JSONDecodeError, TypeError) as err:
-        raise TestSpecError(f"reference is not JSON: {err}") from None
+        raise BadReferenceError(f"reference is not JSON: {err}") from None
     if not isinstance(obj, dict) or obj.get("kind") not in _KEYS:
-        raise TestSpecError(f'reference needs "kind", one of {sorted(_KEYS)}')
+        raise BadReferenceError(f'reference needs "kind", one of {sorted(_KEYS)}')
     kind = obj["kind"]
     unknown = set(obj) - _KEYS[kind]
     if unknown:
-        raise TestSpecError(f"unknown keys for kind {kind!r}: {sorted(unknown)}; allowed: {sorted(_KEYS[kind])}")
+        raise BadReferenceError(f"unknown keys for kind {kind!r}: {sorted(unknown)}; allowed: {sorted(_KEYS[kind])}")
     setup = _text(obj, "setup", default="")
     if kind == "stdio":
         language = _text(obj, "language", default="python")
         if language not in ("python", "cpp"):
-            raise TestSpecError(f'"language" must be "python" or "cpp", got {language!r}')
+            raise BadReferenceError(f'"language" must be "python" or "cpp", got {language!r}')
         if "cases" in obj and ("inputs" in obj or "outputs" in obj):
-            raise TestSpecError('give either "cases" or "inputs"/"outputs", not both')
+            raise BadReferenceError('give either "cases" or "inputs"/"outputs", not both')
         if "cases" in obj:
             if not isinstance(obj["cases"], list) or not all(isinstance(c, dict) for c in obj["cases"]):
-                raise TestSpecError('"cases" must be a list of {"stdin": ..., "stdout": ...}')
+                raise BadReferenceError('"cases" must be a list of {"stdin": ..., "stdout": ...}')
             for case in obj["cases"]:
                 if set(case) != {"stdin", "stdout"}:
-                    raise TestSpecError(f'each case has exactly "stdin" and "stdout", got {sorted(case)}')
+                    raise BadReferenceError(f'each case has exactly "stdin" and "stdout", got {sorted(case)}')
             cases = tuple((_text(c, "stdin", allow_null=True), _text(c, "stdout")) for c in obj["cases"])
         else:
             inputs, outputs = obj.get("inputs"), obj.get("outputs")
             if not isinstance(inputs, list) or not isinstance(outputs, list):
-                raise TestSpecError('stdio tests need "cases", or both "inputs" and "outputs" lists')
+                raise BadReferenceError('stdio tests need "cases", or both "inputs" and "outputs" lists')
             if len(inputs) != len(outputs):
-                raise TestSpecError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+                raise BadReferenceError(f"{len(inputs)} inputs but {len(outputs)} outputs")
             cases = tuple(
                 (_text({"stdin": i}, "stdin", allow_null=True), _text({"stdout": o}, "stdout"))
                 for i, o in zip(inputs, outputs, strict=True)
             )
         if not cases:
-            raise TestSpecError("no test cases")
+            raise BadReferenceError("no test cases")
         return StdioSpec(language, cases)
     if kind == "assert":
         tests = obj.get("tests")
         if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
-            raise TestSpecError('"tests" must be a non-empty list of assert statements')
+            raise BadReferenceError('"tests" must be a non-empty list of assert statements')
         return HarnessSpec(kind, setup, tuple(tests))
     if kind == "check":
         entry = obj.get("entry_point")
         if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
-            raise TestSpecError(f'"entry_point" must be a function name or null, got {entry!r}')
+            raise BadReferenceError(f'"entry_point" must be a function name or null, got {entry!r}')
         return HarnessSpec(kind, setup, (_text(obj, "test"),), entry_point=entry)
     if kind == "functional":
         fn_name = _text(obj, "fn_name")
         if not fn_name.isidentifier():
-            raise TestSpecError(f'"fn_name" must be an identifier, got {fn_name!r}')
+            raise BadReferenceError(f'"fn_name" must be an identifier, got {fn_name!r}')
         cases = obj.get("cases")
         if not isinstance(cases, list) or not cases:
-            raise TestSpecError('"cases" must be a non-empty list of {"input": ..., "output": ...}')
+            raise BadReferenceError('"cases" must be a non-empty list of {"input": ..., "output": ...}')
         pairs = []
         for case in cases:
             if not isinstance(case, dict) or set(case) != {"input", "output"}:
-                raise TestSpecError('each functional case has exactly "input" and "output"')
+                raise BadReferenceError('each functional case has exactly "input" and "output"')
             raw_in, raw_out = _text(case, "input"), _text(case, "output")
             try:
                 args = [json.loads(line) for line in raw_in.split("\n") if line.strip()]
                 expected = json.loads(raw_out)
             except json.JSONDecodeError as err:
-                raise TestSpecError(f"functional case is not JSON lines: {err}") from None
+                raise BadReferenceError(f"functional case is not JSON lines: {err}") from None
             pairs.append((args, expected))
         return HarnessSpec(kind, setup, tuple(pairs), entry_point=fn_name)
     test = _text(obj, "test")  # test_functions
     names = _TEST_FUNCTION.findall(test)
     if not names:
-        raise TestSpecError("test file defines no top-level test_* function")
+        raise BadReferenceError("test file defines no top-level test_* function")
     return HarnessSpec(kind, setup, (test,), total_hint=len(names))
 
 
@@ -231,7 +231,7 @@ def extract_code(response: str, language: str = "python") -> str | None:
 
 
 @dataclass(frozen=True)
-class TestOutcome:
+class CaseOutcome:
     """One test's verdict. ``status``: passed, wrong_answer, runtime_error, timeout,
     memory, output_limit, compile_error, not_run, sandbox_error, bad_test."""
 
@@ -246,7 +246,7 @@ class TestOutcome:
 
 @dataclass(frozen=True)
 class Grade:
-    outcomes: tuple[TestOutcome, ...]
+    outcomes: tuple[CaseOutcome, ...]
 
     @property
     def passed(self) -> int:
@@ -261,7 +261,7 @@ class Grade:
         return self.passed == self.total
 
     @property
-    def first_failure(self) -> TestOutcome | None:
+    def first_failure(self) -> CaseOutcome | None:
         return next((o for o in self.outcomes if not o.passed), None)
 
 
@@ -309,27 +309,27 @@ def _run_failure(result: RunResult) -> str:
 
 def _grade_stdio(code: str, spec: StdioSpec, budget_s: float, test_timeout_s: float | None,
                  memory_bytes: int, keep_going: bool) -> Grade:
-    outcomes: list[TestOutcome] = []
+    outcomes: list[CaseOutcome] = []
     started = time.monotonic()
     for index, (stdin, expected) in enumerate(spec.cases):
         remaining = budget_s - (time.monotonic() - started)
         if remaining <= 0.05:
-            outcomes += [TestOutcome(i, "timeout", "problem time budget spent")
+            outcomes += [CaseOutcome(i, "timeout", "problem time budget spent")
                          for i in range(index, len(spec.cases))]
             break
         limit = min(remaining, test_timeout_s or remaining)
         result = _run(code, spec.language, stdin, Limits(cpu_s=limit, wall_s=limit, memory_bytes=memory_bytes))
         if result.status is RunStatus.OK:
             diff = compare_stdout(expected, result.stdout)
-            outcome = TestOutcome(index, "passed" if diff is None else "wrong_answer", diff or "")
+            outcome = CaseOutcome(index, "passed" if diff is None else "wrong_answer", diff or "")
         else:
-            outcome = TestOutcome(index, result.status.value, _run_failure(result))
+            outcome = CaseOutcome(index, result.status.value, _run_failure(result))
         outcomes.append(outcome)
         if outcome.status in ("compile_error", "sandbox_error"):  # the same for every case
-            outcomes += [TestOutcome(i, outcome.status, outcome.detail) for i in range(index + 1, len(spec.cases))]
+            outcomes += [CaseOutcome(i, outcome.status, outcome.detail) for i in range(index + 1, len(spec.cases))]
             break
         if not outcome.passed and not keep_going:
-            outcomes += [TestOutcome(i, "not_run") for i in range(index + 1, len(spec.cases))]
+            outcomes += [CaseOutcome(i, "not_run") for i in range(index + 1, len(spec.cases))]
             break
     return Grade(tuple(outcomes))
 
@@ -486,15 +486,15 @@ def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: 
                 continue
     total = next((e["count"] for e in events if e["event"] == "count"), spec.total)
     if result.status is RunStatus.SANDBOX_ERROR:
-        return Grade(tuple(TestOutcome(i, "sandbox_error", result.detail) for i in range(total)))
+        return Grade(tuple(CaseOutcome(i, "sandbox_error", result.detail) for i in range(total)))
     for event in events:
         if event["event"] == "bad_test":
-            return Grade(tuple(TestOutcome(i, "bad_test", event["detail"]) for i in range(total)))
+            return Grade(tuple(CaseOutcome(i, "bad_test", event["detail"]) for i in range(total)))
         if event["event"] == "compile_error":
-            return Grade(tuple(TestOutcome(i, "compile_error", event["detail"]) for i in range(total)))
+            return Grade(tuple(CaseOutcome(i, "compile_error", event["detail"]) for i in range(total)))
         if event["event"] == "load_error":
-            return Grade(tuple(TestOutcome(i, event["status"], event["detail"]) for i in range(total)))
-    reported = {e["index"]: TestOutcome(e["index"], e["status"], e.get("detail", ""))
+            return Grade(tuple(CaseOutcome(i, event["status"], event["detail"]) for i in range(total)))
+    reported = {e["index"]: CaseOutcome(e["index"], e["status"], e.get("detail", ""))
                 for e in events if e["event"] == "test"}
     finished = any(e["event"] == "done" for e in events)
     outcomes = []
@@ -504,11 +504,11 @@ def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: 
         elif index == len(reported) and not finished:  # the test that was running
             if result.status is RunStatus.OK:
                 why = "the program ended the process during the test"
-                outcomes.append(TestOutcome(index, "runtime_error", why))
+                outcomes.append(CaseOutcome(index, "runtime_error", why))
             else:
-                outcomes.append(TestOutcome(index, result.status.value, _run_failure(result)))
+                outcomes.append(CaseOutcome(index, result.status.value, _run_failure(result)))
         else:
-            outcomes.append(TestOutcome(index, "not_run"))
+            outcomes.append(CaseOutcome(index, "not_run"))
     return Grade(tuple(outcomes))
 
 
@@ -556,7 +556,7 @@ def code_reward(response: str, reference: str, options: CodeRewardOptions) -> Re
     """Grade the response's last code block against the reference's tests."""
     try:
         spec = parse_tests(reference)
-    except TestSpecError as err:
+    except BadReferenceError as err:
         return RewardResult(0.0, RewardStatus.UNGRADABLE, f"bad tests: {err}")
     language = spec.language if isinstance(spec, StdioSpec) else "python"
     code = extract_code(response, language)

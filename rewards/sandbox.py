@@ -39,6 +39,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -264,11 +265,13 @@ class Sandbox:
                     )
                 return tier, failures
             failures[tier] = problem
+        fallback = (
+            " Or accept the weaker fallback tier with min_tier: restricted."
+            if Tier.RESTRICTED not in failures and cfg.tier is None else ""
+        )
         raise SandboxUnavailable(
             f"no sandbox tier at or above min_tier={cfg.min_tier.value!r} works here: "
-            + "; ".join(f"{t.value}: {why}" for t, why in failures.items())
-            + ". Install bubblewrap (apt-get install bubblewrap) and allow unprivileged user "
-            "namespaces, or accept the weaker tier with min_tier: restricted"
+            + "; ".join(f"{t.value}: {why}" for t, why in failures.items()) + "." + fallback
         )
 
     def _probe(self, tier: Tier) -> str | None:
@@ -289,6 +292,11 @@ class Sandbox:
                 if self._setpriv is None:
                     return "running as root needs setpriv (util-linux) to drop to an unprivileged uid"
         else:
+            if self._is_root:
+                blocked = self._untraversable(self._scratch_root())
+                if blocked:
+                    return (f"the scratch directory's parent {blocked} is closed to the sandbox's "
+                            f"uids; chmod o+x {blocked}, or set state_dir elsewhere")
             self._landlock_abi = _landlock_abi()
             if self._landlock_abi < 6:
                 log.warning(
@@ -300,10 +308,20 @@ class Sandbox:
                 )
         result = self._run(tier, "print(sum(range(10)))\n", "python", b"", Limits(cpu_s=5, wall_s=20))
         if result.status is not RunStatus.OK or result.stdout != "45\n":
+            hint = (" (are unprivileged user namespaces allowed? see sysctl user.max_user_namespaces "
+                    "and kernel.apparmor_restrict_unprivileged_userns)" if tier is Tier.NAMESPACES else "")
             return (
                 f"self-test gave status={result.status.value} exit={result.exit_code} "
-                f"stdout={result.stdout[:80]!r} stderr={result.stderr[-300:]!r} {result.detail}"
+                f"stdout={result.stdout[:80]!r} stderr={result.stderr[-300:]!r} {result.detail}{hint}"
             )
+        return None
+
+    @staticmethod
+    def _untraversable(path: str) -> str | None:
+        """The first directory above ``path`` that other users cannot enter, if any."""
+        for parent in reversed(Path(path).parents):
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return str(parent)
         return None
 
     def _find_cxx(self) -> str | None:
