@@ -125,11 +125,14 @@ class RolloutActor:
             "r1lab_init_weight_group", args=(host, port, rank_offset, world_size, backend)
         )
 
-    def receive_weights(self, version: int) -> int:
-        """Receive one push (the learner broadcasts concurrently); returns bytes per worker."""
+    def receive_weights(self, version: int, load: bool = True) -> int:
+        """Receive one push (the learner broadcasts concurrently); returns bytes per worker.
+        ``load=False`` only receives (for timing the transport; the version is unchanged)."""
         if self._spec is None:
             raise RuntimeError("init_weight_group must be called before receive_weights")
-        received = self.llm.collective_rpc("r1lab_receive_weights", args=(self._spec,))
+        received = self.llm.collective_rpc("r1lab_receive_weights", args=(self._spec, load))
+        if not load:
+            return int(received[0])
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = version

@@ -94,13 +94,23 @@ class WeightSyncExtension:
         self._r1lab_group = create_group(host, port, rank, world_size, backend=backend)
         return rank
 
-    def r1lab_receive_weights(self, spec: WeightSpec) -> int:
+    def r1lab_receive_weights(self, spec: WeightSpec, load: bool = True) -> int:
+        """Receive one push and load it in place. ``load=False`` receives and discards
+        (benchmarks use it to time the transport alone)."""
         device = next(self.model_runner.get_model().parameters()).device
+        if getattr(self, "_r1lab_buffers_for", None) != spec:
+            self._r1lab_buffers = spec.allocate(device)
+            self._r1lab_buffers_for = spec
+        buffers = self._r1lab_buffers
         received = 0
+        if not load:
+            for bucket in receive_weights(self._r1lab_group, spec, device, buffers):
+                received += sum(t.numel() * t.element_size() for _, t in bucket)
+            return received
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal received
-            for bucket in receive_weights(self._r1lab_group, spec, device):
+            for bucket in receive_weights(self._r1lab_group, spec, device, buffers):
                 for name, tensor in bucket:
                     received += tensor.numel() * tensor.element_size()
                     yield name, tensor

@@ -75,6 +75,15 @@ class WeightSpec:
             out.append(tuple(current))
         return out
 
+    def allocate(self, device: torch.device | str) -> list[torch.Tensor]:
+        """One flat buffer per bucket, to reuse across pushes: fresh memory for every
+        push costs page faults that take longer than the copy itself."""
+        return [
+            torch.empty(sum(self.tensors[i].numel for i in idx), dtype=_DTYPES[self.tensors[idx[0]].dtype],
+                        device=device)
+            for idx in self.buckets()
+        ]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -106,33 +115,52 @@ def create_group(host: str, port: int, rank: int, world_size: int, *, backend: s
     raise ValueError(f"weight-push backend must be gloo or nccl, got {backend!r}")
 
 
-def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+def _broadcast_async(group: dist.ProcessGroup, tensor: torch.Tensor):
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
 
 
-def send_weights(group: dist.ProcessGroup, spec: WeightSpec, tensors: list[torch.Tensor]) -> int:
-    """Rank 0: broadcast ``tensors`` (in ``spec`` order) bucket by bucket; returns bytes."""
+def send_weights(group: dist.ProcessGroup, spec: WeightSpec, tensors: list[torch.Tensor],
+                 buffers: list[torch.Tensor] | None = None) -> int:
+    """Rank 0: broadcast ``tensors`` (in ``spec`` order) bucket by bucket; returns bytes.
+
+    All buckets are posted at once (the backend sends them in order) so that receivers can
+    load bucket i while bucket i+1 is on the wire.
+    """
     if len(tensors) != len(spec.tensors):
         raise ValueError(f"{len(tensors)} tensors for a spec of {len(spec.tensors)}")
-    sent = 0
-    for idx in spec.buckets():
+    sent, inflight = 0, []
+    for k, idx in enumerate(spec.buckets()):
         parts = [tensors[i].detach().reshape(-1) for i in idx]
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
-        _broadcast(group, flat)
+        if buffers is not None:
+            flat = torch.cat(parts, out=buffers[k])
+        else:
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        inflight.append((_broadcast_async(group, flat), flat))
         sent += flat.numel() * flat.element_size()
+    for work, _ in inflight:
+        work.wait()
     return sent
 
 
-def receive_weights(group: dist.ProcessGroup, spec: WeightSpec, device: torch.device | str
-                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Ranks > 0: yield each bucket's ``(name, tensor)`` pairs as it arrives."""
-    for idx in spec.buckets():
-        dtype = _DTYPES[spec.tensors[idx[0]].dtype]
-        numel = sum(spec.tensors[i].numel for i in idx)
-        flat = torch.empty(numel, dtype=dtype, device=device)
-        _broadcast(group, flat)
+def receive_weights(group: dist.ProcessGroup, spec: WeightSpec, device: torch.device | str,
+                    buffers: list[torch.Tensor] | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Ranks > 0: yield each bucket's ``(name, tensor)`` pairs as it arrives; the next
+    bucket is already being received while the caller loads this one. The yielded
+    tensors are views of ``buffers`` (when given): copy them before the next push."""
+    buckets = spec.buckets()
+    if buffers is None:
+        buffers = spec.allocate(device)
+
+    def post(k: int):
+        return _broadcast_async(group, buffers[k]), buffers[k]
+
+    ahead = post(0) if buckets else None
+    for k, idx in enumerate(buckets):
+        work, flat = ahead
+        work.wait()
+        ahead = post(k + 1) if k + 1 < len(buckets) else None
         out, offset = [], 0
         for i in idx:
             s = spec.tensors[i]

@@ -320,7 +320,10 @@ class LearnerWorker:
         if self.rank == 0:
             if self._weight_group is None:
                 raise RuntimeError("init_weight_group must run before push_weights")
-            send_weights(self._weight_group, self.weight_spec(), [t for _, t in named])
+            spec = self.weight_spec()
+            if getattr(self, "_push_buffers", None) is None:
+                self._push_buffers = spec.allocate(named[0][1].device)
+            send_weights(self._weight_group, spec, [t for _, t in named], self._push_buffers)
         return time.monotonic() - start
 
     # -- inspection and saving ------------------------------------------------------------
