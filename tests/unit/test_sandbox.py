@@ -225,3 +225,43 @@ def test_runs_as_unprivileged_uid_when_root(sandbox: Sandbox) -> None:
     if os.geteuid() != 0:
         pytest.skip("only meaningful when the trainer runs as root")
     assert sandbox.run("import os\nprint(os.getuid(), os.getgid(), os.getgroups())").stdout.split()[0] != "0"
+
+
+def _sandboxed_pids() -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-B" in argv and any(a.endswith(b"/main.py") for a in argv):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_program_dies_with_the_trainer(sandbox: Sandbox) -> None:
+    """A reward pool may SIGKILL a worker past its deadline; the program must not outlive it."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    trainer = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from rewards.sandbox import Sandbox, SandboxConfig, Limits\n"
+        "box = Sandbox(SandboxConfig(tier=%r, min_tier='restricted'))\n"
+        "box.run('import time\\ntime.sleep(120)', limits=Limits(wall_s=120))\n"
+    ) % (str(repo), sandbox.tier.value)])
+    try:
+        deadline = time.monotonic() + 20
+        while not _sandboxed_pids():
+            assert time.monotonic() < deadline, "the sandboxed program never started"
+            time.sleep(0.05)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while _sandboxed_pids():
+        assert time.monotonic() < deadline, f"programs outlived their trainer: {_sandboxed_pids()}"
+        time.sleep(0.05)
