@@ -46,12 +46,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rewards.sandbox_launch import landlock_abi
 from rewards.sandbox_seccomp import seccomp_filter_bpf
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,10 @@ class Limits:
         for name, value in vars(self).items():
             if not value > 0:
                 raise ValueError(f"Limits.{name} must be positive, got {value!r}")
-        if self.memory_bytes < 64 * _MiB:
+        if self.memory_bytes < 128 * _MiB:
             raise ValueError(
-                f"Limits.memory_bytes={self.memory_bytes} is below the 64 MiB a Python "
-                "interpreter needs to start; give at least 256 MiB"
+                f"Limits.memory_bytes={self.memory_bytes} leaves a Python interpreter too "
+                "little address space to start; give at least 128 MiB"
             )
 
 
@@ -175,7 +176,6 @@ class SandboxConfig(BaseModel):
 
 
 _LANGUAGES = ("python", "cpp")
-_CPP_FENCE_NAMES = ("cpp", "c++", "cxx", "cc")
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -189,15 +189,6 @@ def _memfd(name: str, data: bytes) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _landlock_abi() -> int:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    ret = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    return max(int(ret), 0)
 
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
@@ -236,6 +227,7 @@ class Sandbox:
         self._cxx = self._find_cxx()
         self._cxx_error: str | None = None
         self._cxx_checked = False
+        self._cxx_check_lock = threading.Lock()
         self.tier, self.tier_failures = self._choose_tier()
 
     # ----------------------------------------------------------------- start-up
@@ -295,11 +287,15 @@ class Sandbox:
                     return "running as root needs setpriv (util-linux) to drop to an unprivileged uid"
         else:
             if self._is_root:
+                owner = os.lstat(self._scratch_root())
+                if owner.st_uid != 0 or owner.st_mode & 0o022 or stat.S_ISLNK(owner.st_mode):
+                    return (f"{self._scratch_root()} is not a directory only root can write; "
+                            "remove it or set state_dir elsewhere")
                 blocked = self._untraversable(self._scratch_root())
                 if blocked:
                     return (f"the scratch directory's parent {blocked} is closed to the sandbox's "
                             f"uids; chmod o+x {blocked}, or set state_dir elsewhere")
-            self._landlock_abi = _landlock_abi()
+            self._landlock_abi = landlock_abi()
             if self._landlock_abi < 6:
                 log.warning(
                     "code sandbox (restricted tier): Landlock ABI %d < 6 (kernel < 6.12). Programs "
@@ -359,10 +355,11 @@ class Sandbox:
         if self._cxx is None:
             return _no_run(RunStatus.SANDBOX_ERROR, f"no C++ compiler: {self.config.cxx!r} is not on "
                            f"PATH under {list(self.config.readonly_paths)}")
-        if not self._cxx_checked:  # a broken toolchain must not read as wrong programs
-            probe = self._compile_uncached("int main() { return 0; }\n")
-            self._cxx_error = None if isinstance(probe, bytes) else f"{probe.detail} {probe.stderr[-300:]}"
-            self._cxx_checked = True
+        with self._cxx_check_lock:  # a broken toolchain must not read as wrong programs
+            if not self._cxx_checked:
+                probe = self._compile_uncached("int main() { return 0; }\n")
+                self._cxx_error = None if isinstance(probe, bytes) else f"{probe.detail} {probe.stderr[-300:]}"
+                self._cxx_checked = True
         if self._cxx_error is not None:
             return _no_run(RunStatus.SANDBOX_ERROR, f"C++ toolchain self-test failed: {self._cxx_error}")
         key = hashlib.sha256(source.encode()).hexdigest()
@@ -582,7 +579,7 @@ class Sandbox:
         lock_dir = self._state_dir / "slots"
         lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         start = threading.get_ident() % self.config.uid_slots
-        for attempt in range(2000):
+        for _ in range(2000):
             for i in range(self.config.uid_slots):
                 slot = (start + i) % self.config.uid_slots
                 fd = os.open(lock_dir / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -630,13 +627,6 @@ def _count_own_tasks() -> int:
             except OSError:
                 continue
     return count
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _no_run(status: RunStatus, detail: str, *, stderr: str = "", wall_s: float = 0.0,

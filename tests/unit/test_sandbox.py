@@ -176,7 +176,7 @@ def test_limits_must_be_positive(field: str) -> None:
 
 
 def test_limits_too_little_memory_says_how_much() -> None:
-    with pytest.raises(ValueError, match="at least 256 MiB"):
+    with pytest.raises(ValueError, match="at least 128 MiB"):
         Limits(memory_bytes=1 << 20)
 
 
