@@ -171,7 +171,8 @@ class SandboxConfig(BaseModel):
     )
     uid_slots: int = Field(default=256, ge=1, le=4096)
     state_dir: str | None = Field(
-        default=None, description="slot locks and restricted-tier scratch dirs; None = $TMPDIR/r1lab-sandbox"
+        default=None,
+        description="slot locks and restricted-tier scratch dirs; None = $TMPDIR/r1lab-sandbox-<euid>",
     )
 
 
@@ -217,7 +218,9 @@ class Sandbox:
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
         self._is_root = os.geteuid() == 0
-        self._state_dir = Path(self.config.state_dir or Path(tempfile.gettempdir()) / "r1lab-sandbox")
+        self._state_dir = Path(
+            self.config.state_dir or Path(tempfile.gettempdir()) / f"r1lab-sandbox-{os.geteuid()}"
+        )
         self._landlock_abi = 0
         self._bwrap = None
         self._setpriv = None
@@ -286,12 +289,16 @@ class Sandbox:
                 if self._setpriv is None:
                     return "running as root needs setpriv (util-linux) to drop to an unprivileged uid"
         else:
+            try:
+                scratch = self._scratch_root()
+            except OSError as err:
+                return f"cannot create the scratch directory: {err}; set state_dir elsewhere"
             if self._is_root:
-                owner = os.lstat(self._scratch_root())
+                owner = os.lstat(scratch)
                 if owner.st_uid != 0 or owner.st_mode & 0o022 or stat.S_ISLNK(owner.st_mode):
-                    return (f"{self._scratch_root()} is not a directory only root can write; "
+                    return (f"{scratch} is not a directory only root can write; "
                             "remove it or set state_dir elsewhere")
-                blocked = self._untraversable(self._scratch_root())
+                blocked = self._untraversable(scratch)
                 if blocked:
                     return (f"the scratch directory's parent {blocked} is closed to the sandbox's "
                             f"uids; chmod o+x {blocked}, or set state_dir elsewhere")

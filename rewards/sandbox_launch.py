@@ -172,36 +172,66 @@ def _child(job: dict, bpf: bytes, error_fd: int) -> None:
     os.execve(job["argv"][0], job["argv"], job["env"])
 
 
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found.update(int(p) for p in fh.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = set().union(*(_children(p) for p in frontier)) - found
+        found |= frontier
+    return found
+
+
 def _sweep(job: dict) -> None:
     """Kill and reap everything the program left behind."""
     if job["uid"] is not None:
         pid = os.fork()
-        if pid == 0:  # kill(-1) as the job's uid reaches exactly that uid's processes
+        if pid == 0:  # kill(-1) as the job's uid reaches exactly that uid's processes, atomically
             try:
                 os.setresuid(job["uid"], job["uid"], job["uid"])
                 os.kill(-1, signal.SIGKILL)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
-    # As a subreaper, orphaned descendants are our children now: kill, reap, repeat
-    # (killing a process hands its own children to us).
+    # Without a uid of its own (or should anything remain), walk our descendants: as a
+    # subreaper, every orphan of the program is one. Stop them all until the set no
+    # longer grows (a stopped process cannot fork), then kill them.
     me = os.getpid()
     while True:
-        try:
-            with open(f"/proc/{me}/task/{me}/children") as fh:
-                children = [int(p) for p in fh.read().split()]
-        except OSError:
-            children = []
-        for pid in children:
+        stopped: set[int] = set()
+        while (found := _descendants(me)) - stopped:
+            for pid in found - stopped:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            stopped |= found
+        for pid in stopped:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
-            pid, _ = os.waitpid(-1, 0 if children else os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0 and not children:
+        while True:
+            try:
+                if os.waitpid(-1, 0 if stopped else os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+            stopped = set()  # reaped one; take the rest without blocking
+        if not _descendants(me):
             return
 
 
