@@ -204,7 +204,8 @@ def parse_tests(reference: str) -> TestSpec:
 
 # ------------------------------------------------------------------ extraction
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.DOTALL | re.MULTILINE)
+_OPEN_FENCE = re.compile(r"[ \t]*```[ \t]*([^\s`]*)")
+_CLOSE_FENCE = re.compile(r"[ \t]*```[ \t]*")
 _TAGS = {"python": {"python", "py", "python3"}, "cpp": {"cpp", "c++", "cxx", "cc"}}
 
 
@@ -213,16 +214,25 @@ def extract_code(response: str, language: str = "python") -> str | None:
 
     Text up to the last ``</think>`` is reasoning, not answer, and is skipped. A block
     tagged with ``language`` wins over a later untagged one; a block tagged with another
-    language never counts.
+    language never counts; an unclosed block is no block. One pass over the lines (a
+    regex would go quadratic on a response of many unclosed fences).
     """
-    answer = response.rsplit("</think>", 1)[-1]
-    tagged, untagged = None, None
-    for match in _FENCE.finditer(answer):
-        tag = match.group(1).lower()
-        if tag in _TAGS[language]:
-            tagged = match.group(2)
-        elif not tag:
-            untagged = match.group(2)
+    tagged = untagged = None
+    tag, lines = None, []
+    for line in response.rsplit("</think>", 1)[-1].split("\n"):
+        if tag is None:
+            opening = _OPEN_FENCE.match(line)
+            if opening:
+                tag, lines = opening.group(1).lower(), []
+        elif _CLOSE_FENCE.fullmatch(line):
+            block = "".join(f"{text}\n" for text in lines)
+            if tag in _TAGS[language]:
+                tagged = block
+            elif not tag:
+                untagged = block
+            tag = None
+        else:
+            lines.append(line)
     block = tagged if tagged is not None else untagged
     return None if block is None else textwrap.dedent(block)
 

@@ -91,6 +91,14 @@ def test_extract_code(response: str, language: str, expected: str | None) -> Non
     assert extract_code(response, language) == expected
 
 
+def test_extract_code_is_linear_in_the_response() -> None:
+    import time
+
+    start = time.monotonic()
+    assert extract_code("```text with words\n" * 50_000) is None  # 50k fences that never close
+    assert time.monotonic() - start < 1.0
+
+
 # ------------------------------------------------------------------ output comparison
 
 COMPARISON = [
