@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import string
 import subprocess
 import tempfile
