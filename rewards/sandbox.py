@@ -242,6 +242,11 @@ class Sandbox:
                 f"sandbox tier {cfg.tier.value!r} is weaker than min_tier {cfg.min_tier.value!r}; "
                 "raise tier or lower min_tier"
             )
+        if not os.access(cfg.python, os.X_OK):
+            raise ValueError(
+                f"sandbox python {cfg.python!r} is not an executable; set SandboxConfig.python "
+                "to a system interpreter (apt-get install python3 gives /usr/bin/python3)"
+            )
         if not _under(cfg.python, cfg.readonly_paths):
             raise ValueError(
                 f"sandbox python {cfg.python!r} (really {os.path.realpath(cfg.python)!r}) is not "

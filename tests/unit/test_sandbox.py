@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -186,8 +187,10 @@ def test_tier_below_min_tier_raises() -> None:
 
 
 def test_interpreter_outside_the_sandbox_raises() -> None:
-    with pytest.raises(ValueError, match="readonly_paths"):
+    with pytest.raises(ValueError, match="not an executable"):
         Sandbox(SandboxConfig(python="/opt/elsewhere/python3"))
+    with pytest.raises(ValueError, match="readonly_paths"):
+        Sandbox(SandboxConfig(python=sys.executable, readonly_paths=("/nonexistent",)))
 
 
 def _without_bwrap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +246,6 @@ def _sandboxed_pids() -> list[int]:
 def test_program_dies_with_the_trainer(sandbox: Sandbox) -> None:
     """A reward pool may SIGKILL a worker past its deadline; the program must not outlive it."""
     import subprocess
-    import sys
     import time
 
     repo = Path(__file__).resolve().parents[2]
