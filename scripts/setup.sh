@@ -16,13 +16,16 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     exit 0
 fi
 
-# The code sandbox uses bubblewrap and libseccomp (Debian packages).
-if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p | grep -q libseccomp.so.2; then
+# The code sandbox uses bubblewrap and libseccomp, and runs programs with the system
+# python3 (sortedcontainers: LeetCode-style solutions import it). Debian packages.
+apt_pkgs="bubblewrap libseccomp2 python3-sortedcontainers"
+if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p | grep -q libseccomp.so.2 \
+        || ! /usr/bin/python3 -c "import sortedcontainers" >/dev/null 2>&1; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "[setup] installing bubblewrap and libseccomp2"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2 >/dev/null
+        echo "[setup] installing $apt_pkgs"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $apt_pkgs >/dev/null
     else
-        echo "[setup] warning: install bubblewrap and libseccomp2 for the code sandbox (apt-get install bubblewrap libseccomp2)" >&2
+        echo "[setup] warning: the code sandbox needs: apt-get install $apt_pkgs" >&2
     fi
 fi
 
