@@ -335,6 +335,10 @@ class LearnerWorker:
             lp = grpo.token_logprobs(logits, ids[:, 1:], temperature=self.temperature)[0]  # [T-1]
         return lp[len(prompt_ids) - 1 :].tolist()
 
+    def parameter_vector(self) -> torch.Tensor:
+        """All parameters flattened into one CPU tensor (gathered under ZeRO-3)."""
+        return torch.cat([t.detach().float().reshape(-1).cpu() for _, t in self._named_full_params()])
+
     def save_hf(self, out_dir: str) -> str:
         """Write an HF-format checkpoint (safetensors) that vLLM and transformers load."""
         named = self._named_full_params()
