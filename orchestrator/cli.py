@@ -20,7 +20,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
 app.add_typer(data_app, name="data")
 console = Console()
 
-STAGES = ("grpo",)
 
 
 def _fail(message: str) -> None:
@@ -35,45 +34,34 @@ def _logging(verbose: bool) -> None:
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help=f"stage to run: {', '.join(STAGES)}")],
+    stage: Annotated[str, typer.Argument(help="stage to run: grpo, sft, sample, eval, distill, pipeline")],
     config: Annotated[Path, typer.Option("-c", "--config", help="YAML config")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run a stage in this process (against RAY_ADDRESS or an embedded local cluster)."""
     from orchestrator.config import ConfigError, load_config
+    from orchestrator.stages import StageError, load_stage
 
     _logging(verbose)
-    if stage not in STAGES:
-        _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as err:
+        module = load_stage(stage)
+        cfg = load_config(config, overrides or [], model=module.Config)
+    except (StageError, ConfigError) as err:
         _fail(str(err))
-    _check_paths(cfg)
-    from orchestrator.stages import grpo
-
     start = time.monotonic()
-    with _progress() as progress:
-        task = progress.add_task("grpo", total=cfg.grpo.steps, info="starting actors")
+    try:
+        with _progress() as progress:
+            task = progress.add_task(stage, total=None, info="starting actors")
 
-        def on_step(step: int, total: int, r: dict) -> None:
-            info = (f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
-                    f"fmt {r['format_ok']:.2f}  kl {r['kl']:.4f}  {r['step_s']:.1f}s/step")
-            progress.update(task, completed=step, info=info)
+            def on_progress(done: int, total: int, info: str) -> None:
+                progress.update(task, completed=done, total=total, info=info)
 
-        run_dir = grpo.run(cfg, progress=on_step if cfg.logging.progress else None)
+            run_dir = module.run(cfg, progress=on_progress)
+    except StageError as err:
+        _fail(str(err))
     console.print(f"[green]done[/] in {time.monotonic() - start:.0f}s: {run_dir}")
     _summary(run_dir)
-
-
-def _check_paths(cfg) -> None:
-    model = Path(cfg.model.path)
-    if not model.exists() and (model.is_absolute() or cfg.model.path.startswith(".")):
-        _fail(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
-    if not Path(cfg.data.train_path).exists():
-        _fail(f"data.train_path {cfg.data.train_path} does not exist; make one with "
-              f"`r1lab data make addition --out {Path(cfg.data.train_path).parent}`")
 
 
 def _progress() -> Progress:

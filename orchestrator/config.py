@@ -169,6 +169,8 @@ def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
             if e["type"] == "extra_forbidden":
                 lines.append(f"  {where}: unknown setting (check its spelling and section)")
+            elif not e["loc"]:
+                lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             elif e["type"] == "missing":
                 lines.append(f"  {where}: required, set it in the file or as {where}=...")
             else:

@@ -1,0 +1,49 @@
+"""The stages of the R1 recipe. Each stage module exposes:
+
+- ``Config``: its pydantic config model (frozen, ``extra="forbid"``);
+- ``run(cfg, progress=None) -> Path``: run it in this process (against ``RAY_ADDRESS`` or an
+  embedded local Ray cluster) and return the run directory; ``progress(done, total, info)``
+  is called as work completes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGES = {
+    "grpo": "orchestrator.stages.grpo",
+    "sft": "orchestrator.stages.sft",
+    "sample": "orchestrator.stages.sample",
+    "eval": "orchestrator.stages.eval",
+    "distill": "orchestrator.stages.distill",
+    "pipeline": "orchestrator.stages.pipeline",
+}
+
+
+class StageError(ValueError):
+    """A stage cannot start: the message says what is missing and how to fix it."""
+
+
+def available() -> list[str]:
+    out = []
+    for name, module in STAGES.items():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        out.append(name)
+    return out
+
+
+def load_stage(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; choose one of {', '.join(available())}")
+    try:
+        return importlib.import_module(STAGES[name])
+    except ModuleNotFoundError as err:
+        if err.name == STAGES[name]:
+            raise StageError(f"stage {name!r} is not available in this version of r1lab") from None
+        raise

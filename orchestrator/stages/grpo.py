@@ -167,8 +167,33 @@ class GRPOTrainer:
         self.actors.shutdown()
 
 
+Config = GRPOStageConfig
+
+
+def check_inputs(cfg: GRPOStageConfig) -> None:
+    """Fail before any actor starts when the model or data is missing."""
+    from orchestrator.stages import StageError
+
+    model = Path(cfg.model.path)
+    # A hub id is "org/name"; anything else that names no existing path is a mistake.
+    looks_local = model.is_absolute() or cfg.model.path.startswith(".") or cfg.model.path.count("/") != 1
+    if looks_local and not model.exists():
+        raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
+    for key in ("train_path", "test_path"):
+        path = getattr(cfg.data, key)
+        if path is not None and not Path(path).exists():
+            raise StageError(f"data.{key} {path} does not exist; make one with "
+                             f"`r1lab data make addition --out {Path(path).parent}`")
+
+
+def progress_line(r: dict) -> str:
+    return (f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  fmt {r['format_ok']:.2f}  "
+            f"kl {r['kl']:.4f}  {r['step_s']:.1f}s/step")
+
+
 def run(cfg: GRPOStageConfig, progress=None) -> Path:
     """Run the stage; returns the run directory."""
+    check_inputs(cfg)
     trainer = GRPOTrainer(cfg)
     metrics = MetricsLogger(trainer.run_dir, config=cfg.model_dump(mode="json"),
                             mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
@@ -178,7 +203,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
             record = trainer.step(step)
             metrics.log(record)
             if progress is not None:
-                progress(step, cfg.grpo.steps, record)
+                progress(step, cfg.grpo.steps, progress_line(record))
         trainer.save_final()
     finally:
         metrics.close()
