@@ -1,0 +1,500 @@
+"""The ``eval`` stage: pass@1, cons@k and pass@k of a checkpoint (DeepSeek-R1 §3).
+
+Per benchmark, as the driver sees it:
+
+    questions = benchmark rows, templated and tokenised
+    groups    = rollout engines sample k completions per question (T = 0.6, top-p = 0.95)
+    verdicts  = reward actors grade every completion with the benchmark's reward
+    scores    = pass@1 (mean over samples, then questions), cons@k (majority vote over
+                final answers, equivalent answers voting together), unbiased pass@k
+
+The estimators are in ``orchestrator/eval_math.py``. ``evaluate_checkpoint`` is the
+same work as a function for other stages (``demo``, ``pipeline``): it starts its own
+rollout and reward actors on the connected cluster, evaluates, and kills them, so one
+driver can evaluate several checkpoints without restarting Ray.
+
+What votes in cons@k (``answer_key``): the extracted final answer for math rewards,
+grouped by ``rewards.math`` equivalence under the grader's own options (``\\frac12`` and
+``0.5`` vote together), compared in a scoring pool so a pathological answer costs a
+timeout, not a hung driver; the ``<answer>`` text for ``exact_answer`` (grouped by string
+equality, as that reward compares); the extracted program for ``code_tests``, with
+blank lines and trailing spaces dropped (identical programs vote together, so when every
+program differs the vote falls to the first sample: cons@k then measures one sample);
+and for any other reward the verdict itself (cons@k = "most samples were correct").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.config import RolloutConfig
+from actors.rollout import PromptItem
+from learner.batch import ScoredGroup
+from orchestrator import cluster as cluster_mod
+from orchestrator import placement
+from orchestrator.benchmarks_data import FORMATS, Benchmark, load_benchmark
+from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator.eval_math import consensus_correct, mean, mean_pass_at_k
+from orchestrator.templates import render_prompt
+from rewards.config import RewardsConfig, RewardSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BenchmarkSpec(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    path: Path
+    format: Literal["task", "math500", "gsm8k", "humaneval", "mbpp"] | None = Field(
+        default=None, description=f"one of {', '.join(FORMATS)}; None = detect from the fields")
+    limit: int | None = Field(default=None, ge=1, description="evaluate the first N rows only")
+
+
+class EvalConfig(_Frozen):
+    """Paper §3: k samples per question at T = 0.6, top-p = 0.95 (k = 64 in the paper's
+    tables; 16 here, a quarter of the cost, still a low-variance pass@1)."""
+
+    benchmarks: tuple[BenchmarkSpec, ...] = Field(min_length=1)
+    samples_per_prompt: int = Field(default=16, ge=1, description="k")
+    temperature: float = Field(default=0.6, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, description="None = rollout.max_new_tokens "
+                                       "(the paper allows 32,768)")
+    pass_at_k: tuple[int, ...] | None = Field(
+        default=None, description="k values for unbiased pass@k; None = 1 and powers of 2 up to samples_per_prompt")
+    template: Literal["r1zero", "plain", "chat"] = "r1zero"
+    save_samples: bool = Field(default=True, description="write every completion and verdict to samples.jsonl")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique(cls, specs: tuple[BenchmarkSpec, ...]) -> tuple[BenchmarkSpec, ...]:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names must be unique, got {names}")
+        return specs
+
+    @model_validator(mode="after")
+    def _k_values(self) -> EvalConfig:
+        for k in self.pass_at_k or ():
+            if not 1 <= k <= self.samples_per_prompt:
+                raise ValueError(f"eval.pass_at_k has {k}, but pass@k needs 1 <= k <= "
+                                 f"eval.samples_per_prompt ({self.samples_per_prompt})")
+        return self
+
+    @property
+    def k_values(self) -> tuple[int, ...]:
+        if self.pass_at_k is not None:
+            return tuple(sorted(set(self.pass_at_k)))
+        out, k = [], 1
+        while k <= self.samples_per_prompt:
+            out.append(k)
+            k *= 2
+        return tuple(out)
+
+
+class EvalStageConfig(_Frozen):
+    """Everything the ``eval`` stage needs."""
+
+    run: RunConfig = RunConfig(name="eval")
+    model: ModelConfig
+    eval: EvalConfig
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _fits(self) -> EvalStageConfig:
+        new = self.eval.max_new_tokens or self.rollout.max_new_tokens
+        if new >= self.rollout.max_model_len:
+            raise ValueError(f"max_new_tokens ({new}) must be below rollout.max_model_len "
+                             f"({self.rollout.max_model_len}) to leave room for the prompt")
+        return self
+
+
+Config = EvalStageConfig
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One graded completion."""
+
+    benchmark: str
+    prompt_index: int
+    sample_index: int
+    correct: bool
+    reward: float
+    format_ok: float  # nan: no format reward configured
+    answer: str | None  # what it votes for in cons@k (see the module docstring)
+    response_tokens: int
+    finish_reason: str
+    text: str
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    name: str
+    format: str
+    reward: str
+    n_prompts: int
+    k: int
+    pass_at_1: float
+    cons_at_k: float
+    pass_at_k: dict[int, float]
+    mean_response_tokens: float
+    truncated: float  # share of completions cut off at max_new_tokens
+    format_ok: float
+    samples: tuple[SampleRecord, ...] = field(repr=False, default=())
+
+    def summary(self) -> dict:
+        return {"name": self.name, "format": self.format, "reward": self.reward,
+                "n_prompts": self.n_prompts, "k": self.k, "pass@1": self.pass_at_1,
+                "cons@k": self.cons_at_k,
+                "pass@k": {str(k): v for k, v in self.pass_at_k.items()},
+                "mean_response_tokens": self.mean_response_tokens, "truncated": self.truncated,
+                "format_ok": self.format_ok}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model_path: str
+    params: int | None
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    benchmarks: tuple[BenchmarkResult, ...]
+
+    def summary(self) -> dict:
+        return {"model": self.model_path, "params": self.params, "temperature": self.temperature,
+                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+                "benchmarks": [b.summary() for b in self.benchmarks]}
+
+    def by_name(self, name: str) -> BenchmarkResult:
+        for b in self.benchmarks:
+            if b.name == name:
+                return b
+        raise KeyError(f"no benchmark {name!r}; have {[b.name for b in self.benchmarks]}")
+
+
+# -- actors (shared with the sample stage) -------------------------------------------------------
+
+
+def inference_plan(cluster: ClusterConfig, rollout: RolloutConfig) -> placement.PlacementPlan:
+    """Bundles for rollout engines alone (evaluation and sampling need no learner).
+    Belongs beside ``placement.plan``; kept here until placement.py grows it."""
+    gpus = cluster.gpus_per_rollout_engine * rollout.tensor_parallel_size
+    bundles = tuple(placement.BundlePlan("rollout", i, {k: v for k, v in
+                                                        {"CPU": cluster.cpus_per_actor, "GPU": gpus}.items() if v})
+                    for i in range(rollout.num_engines))
+    return placement.PlacementPlan(bundles, cluster.placement_strategy)
+
+
+def rewards_for(reward: str, rewards: RewardsConfig) -> RewardsConfig:
+    """The reward set that grades a benchmark: its accuracy reward (with the options
+    ``rewards`` gives it, if it names it) plus ``rewards``' format reward."""
+    specs = {s.name: s for s in rewards.rewards}
+    chosen = [specs.get(reward, RewardSpec(name=reward))]
+    fmt = rewards.format_reward if rewards.format_reward != reward else None
+    if fmt is not None:
+        chosen.append(specs[fmt])
+    return RewardsConfig(rewards=tuple(chosen), accuracy_reward=reward, format_reward=fmt,
+                         workers=rewards.workers, timeout_s=rewards.timeout_s)
+
+
+def start_inference_actors(model_path: str, rollout: RolloutConfig, reward_sets: dict[str, RewardsConfig],
+                           cluster: ClusterConfig) -> tuple[cluster_mod.StageActors, dict[str, list]]:
+    """Rollout engines in a placement group, and ``cluster.num_reward_actors`` reward
+    actors per reward set. Returns the handles (``.shutdown()`` frees all) and the
+    reward actors by set name."""
+    from actors.reward import RewardActor
+    from actors.rollout import RolloutActor
+
+    plan = inference_plan(cluster, rollout)
+    pg = placement.create_placement_group(plan)
+    env = placement.actor_env()
+    actors = cluster_mod.StageActors(pg=pg)
+    try:
+        Rollout = ray.remote(RolloutActor)
+        for i, bundle in enumerate(plan.of("rollout")):
+            actors.rollouts.append(
+                Rollout.options(**placement.options_for(pg, bundle, env=env)).remote(model_path, rollout, i))
+        Reward = ray.remote(RewardActor)
+        by_set: dict[str, list] = {}
+        for name, cfg in reward_sets.items():
+            by_set[name] = [Reward.options(num_cpus=cluster.cpus_per_actor,
+                                           runtime_env={"env_vars": env} if env else None).remote(cfg)
+                            for _ in range(cluster.num_reward_actors)]
+            actors.rewards.extend(by_set[name])
+        ray.get([a.ready.remote() for a in actors.rollouts + actors.rewards])
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors, by_set
+
+
+def tokenize(questions: Sequence[str], references: Sequence[str], tokenizer, template: str) -> list[PromptItem]:
+    items = []
+    for i, (q, ref) in enumerate(zip(questions, references, strict=True)):
+        ids = tokenizer(render_prompt(q, template, tokenizer), add_special_tokens=False)["input_ids"]
+        items.append(PromptItem(i, tuple(ids), ref))
+    return items
+
+
+def check_lengths(items: Sequence[PromptItem], max_new_tokens: int, max_model_len: int, what: str) -> None:
+    longest = max(len(p.prompt_ids) for p in items)
+    if longest + max_new_tokens > max_model_len:
+        raise ValueError(f"{what}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+                         f"exceeds rollout.max_model_len ({max_model_len}); raise rollout.max_model_len "
+                         "or lower max_new_tokens")
+
+
+def generate_scored(engines: Sequence, reward_actors: Sequence, items: Sequence[PromptItem],
+                    samples_per_prompt: int, *, temperature: float, top_p: float, max_new_tokens: int,
+                    on_group: Callable[[], None] | None = None) -> list[ScoredGroup]:
+    """k completions per prompt from the engines, each group graded as it finishes;
+    returned in prompt order."""
+    chunks = [items[i :: len(engines)] for i in range(len(engines))]
+    pending = [e.stream_groups.options(num_returns="streaming").remote(
+        c, samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        for e, c in zip(engines, chunks, strict=True) if c]
+    scored_refs = []
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            group_ref = next(ready[0])
+        except StopIteration:
+            continue
+        pending.append(ready[0])
+        scored_refs.append(reward_actors[len(scored_refs) % len(reward_actors)].score.remote(group_ref))
+        if on_group is not None:
+            on_group()
+    scored = ray.get(scored_refs)
+    if len(scored) != len(items):
+        raise RuntimeError(f"{len(scored)} groups came back for {len(items)} prompts")
+    return sorted(scored, key=lambda s: s.group.prompt_index)
+
+
+# -- what votes in cons@k ----------------------------------------------------------------------
+
+
+def answer_key(reward: str, text: str, correct: bool, options: dict) -> str | None:
+    """What a completion votes for in cons@k (see the module docstring); None: no vote."""
+    if reward == "exact_answer":
+        from rewards.basic import extract_answer_tag
+
+        return extract_answer_tag(text)
+    if reward == "math_accuracy":
+        from rewards.math import extract_answer
+
+        found = extract_answer(text, strict=options.get("extraction", "strict") == "strict")
+        return None if found is None else found.text.strip()
+    if reward == "code_tests":
+        from rewards.code import extract_code
+
+        code = extract_code(text)
+        if code is None or not code.strip():
+            return None
+        return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
+    return "correct" if correct else "wrong"
+
+
+def math_equivalence(answer_lists: Sequence[Sequence[str | None]], options: dict, rewards: RewardsConfig
+                     ) -> Callable[[str, str], bool]:
+    """``same(representative, answer)`` for math answers: ``math_accuracy`` of the answer
+    against the representative as gold, with the grader's options, in a scoring pool
+    (timeouts and errors count as "not the same"). Only the pairs a vote can ask about
+    are graded: each distinct answer against the distinct answers before it."""
+    from rewards.pool import ScoringPool
+    from rewards.types import RewardStatus
+
+    pairs: set[tuple[str, str]] = set()
+    for answers in answer_lists:
+        distinct = list(dict.fromkeys(a for a in answers if a is not None))
+        pairs.update((rep, a) for i, a in enumerate(distinct) for rep in distinct[:i])
+    table: dict[tuple[str, str], bool] = {}
+    if pairs:
+        ordered = sorted(pairs)
+        spec = RewardSpec(name="math_accuracy", options=options)
+        with ScoringPool([spec], workers=rewards.workers, timeout_s=rewards.timeout_s) as pool:
+            results = pool.score([(f"<answer>{a}</answer>", rep) for rep, a in ordered])
+        table = {p: r["math_accuracy"].status == RewardStatus.CORRECT for p, r in zip(ordered, results, strict=True)}
+    return lambda rep, a: rep == a or table.get((rep, a), False)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def count_params(model_path: str) -> int | None:
+    """Parameters in a local safetensors checkpoint, read from the headers (no weights
+    loaded); None for a hub id or another format."""
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
+
+
+def score_benchmark(bench: Benchmark, groups: Sequence[ScoredGroup], settings: EvalConfig,
+                    rewards: RewardsConfig) -> BenchmarkResult:
+    """The benchmark's numbers from its graded groups."""
+    k = settings.samples_per_prompt
+    options = dict(next((s.options for s in rewards.rewards if s.name == bench.reward), {}))
+    records: list[SampleRecord] = []
+    answers: list[list[str | None]] = []
+    verdicts: list[list[bool]] = []
+    for sg in groups:
+        correct = [a == 1.0 for a in sg.accuracy]
+        keys = [answer_key(bench.reward, c.text, ok, options) for c, ok in zip(sg.group.completions, correct, strict=True)]
+        answers.append(keys)
+        verdicts.append(correct)
+        for j, c in enumerate(sg.group.completions):
+            records.append(SampleRecord(bench.name, sg.group.prompt_index, j, correct[j], sg.rewards[j],
+                                        sg.format_ok[j], keys[j], len(c.token_ids), c.finish_reason, c.text))
+    if bench.reward == "math_accuracy":
+        same = math_equivalence(answers, options, rewards)
+    else:
+        same = lambda rep, a: rep == a  # noqa: E731
+    counts = [(len(v), sum(v)) for v in verdicts]
+    fmt = [r.format_ok for r in records if not math.isnan(r.format_ok)]
+    return BenchmarkResult(
+        name=bench.name, format=bench.format, reward=bench.reward, n_prompts=len(groups), k=k,
+        pass_at_1=mean_pass_at_k(counts, 1),
+        cons_at_k=mean([float(consensus_correct(a, v, same=same)) for a, v in zip(answers, verdicts, strict=True)]),
+        pass_at_k={kk: mean_pass_at_k(counts, kk) for kk in settings.k_values},
+        mean_response_tokens=mean([r.response_tokens for r in records]),
+        truncated=mean([float(r.finish_reason == "length") for r in records]),
+        format_ok=mean(fmt),
+        samples=tuple(records),
+    )
+
+
+def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Sequence[Benchmark], *,
+                        rollout: RolloutConfig, rewards: RewardsConfig, cluster: ClusterConfig,
+                        progress: Progress | None = None) -> EvalResult:
+    """Evaluate one checkpoint on ``benchmarks`` on the connected Ray cluster (or an
+    embedded one): starts rollout and reward actors, evaluates, kills them."""
+    from transformers import AutoTokenizer
+
+    cluster_mod.connect(cluster.address, num_cpus=cluster.num_cpus)
+    max_new = settings.max_new_tokens or rollout.max_new_tokens
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = {b.name: tokenize([r.prompt for r in b.rows], [r.reference for r in b.rows], tokenizer,
+                                settings.template) for b in benchmarks}
+    for b in benchmarks:
+        check_lengths(prompts[b.name], max_new, rollout.max_model_len, f"benchmark {b.name}")
+    reward_sets = {b.reward: rewards_for(b.reward, rewards) for b in benchmarks}
+    total, done = sum(len(b.rows) for b in benchmarks), 0
+    actors, graders = start_inference_actors(model_path, rollout, reward_sets, cluster)
+    results = []
+    try:
+        for b in benchmarks:
+            def tick(name: str = b.name) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{name}: sampling")
+
+            groups = generate_scored(actors.rollouts, graders[b.reward], prompts[b.name], settings.samples_per_prompt,
+                                     temperature=settings.temperature, top_p=settings.top_p,
+                                     max_new_tokens=max_new, on_group=tick)
+            result = score_benchmark(b, groups, settings, reward_sets[b.reward])
+            log.info("%s: pass@1 %.3f cons@%d %.3f", b.name, result.pass_at_1, result.k, result.cons_at_k)
+            if progress is not None:
+                progress(done, total, f"{b.name}: pass@1 {result.pass_at_1:.3f}")
+            results.append(result)
+    finally:
+        actors.shutdown()
+    return EvalResult(model_path, count_params(model_path), settings.temperature, settings.top_p, max_new,
+                      tuple(results))
+
+
+def load_benchmarks(settings: EvalConfig, rewards: RewardsConfig) -> list[Benchmark]:
+    """The configured benchmarks; a ``task`` file is graded by ``rewards.accuracy_reward``."""
+    return [load_benchmark(s.path, name=s.name, format=s.format, limit=s.limit,
+                           task_reward=rewards.accuracy_reward) for s in settings.benchmarks]
+
+
+def results_table(result: EvalResult):
+    """A rich table: one row per benchmark."""
+    from rich.table import Table
+
+    ks = sorted({k for b in result.benchmarks for k in b.pass_at_k if k > 1})
+    table = Table(title=f"{result.model_path}  (T={result.temperature}, top-p={result.top_p})")
+    table.add_column("benchmark", no_wrap=True)
+    for col in ("prompts", "k", "pass@1", "cons@k", *(f"pass@{k}" for k in ks), "tokens"):
+        table.add_column(col, justify="right")
+    for b in result.benchmarks:
+        table.add_row(b.name, str(b.n_prompts), str(b.k), f"{b.pass_at_1:.3f}", f"{b.cons_at_k:.3f}",
+                      *(f"{b.pass_at_k[k]:.3f}" if k in b.pass_at_k else "" for k in ks),
+                      f"{b.mean_response_tokens:.0f}")
+    return table
+
+
+def write_results(result: EvalResult, run_dir: Path, *, samples: bool = True) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "results.json"
+    path.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    if samples:
+        with (run_dir / "samples.jsonl").open("w") as f:
+            for b in result.benchmarks:
+                for r in b.samples:
+                    row = asdict(r)
+                    row["format_ok"] = None if math.isnan(r.format_ok) else r.format_ok
+                    f.write(json.dumps(row) + "\n")
+    return path
+
+
+def check_inputs(model_path: str, paths: Sequence[Path]) -> None:
+    from orchestrator.stages import StageError
+
+    model = Path(model_path)
+    looks_local = model.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
+    if looks_local and not model.exists():
+        raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
+    for p in paths:
+        if not Path(p).exists():
+            raise StageError(f"benchmark file {p} does not exist; make the synthetic one with "
+                             f"`r1lab data make addition --out {Path(p).parent}`")
+
+
+def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
+    """Run the stage; returns the run directory (``results.json``, ``samples.jsonl``)."""
+    check_inputs(cfg.model.path, [s.path for s in cfg.eval.benchmarks])
+    benchmarks = load_benchmarks(cfg.eval, cfg.rewards)
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    result = evaluate_checkpoint(cfg.model.path, cfg.eval, benchmarks, rollout=cfg.rollout, rewards=cfg.rewards,
+                                 cluster=cfg.cluster, progress=progress)
+    write_results(result, run_dir, samples=cfg.eval.save_samples)
+    if cfg.logging.progress:
+        from rich.console import Console
+
+        Console().print(results_table(result))
+    return run_dir
