@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 
+from actors.telemetry import Telemetry
 from learner.batch import Group, ScoredGroup
 from rewards.config import RewardsConfig
 from rewards.pool import ScoringPool
@@ -18,8 +20,9 @@ class RewardActor:
     so a verifier that hangs costs one timeout, counted, not a stuck step.
     """
 
-    def __init__(self, config: RewardsConfig) -> None:
+    def __init__(self, config: RewardsConfig, run_name: str = "", index: int = 0) -> None:
         self.config = config
+        self.telemetry = Telemetry(run_name, f"reward-{index}")
         self.weights = {s.name: s.weight for s in config.rewards}
         self.pool = ScoringPool(config.rewards, workers=config.workers, timeout_s=config.timeout_s)
 
@@ -28,7 +31,11 @@ class RewardActor:
 
     def score(self, group: Group) -> ScoredGroup:
         """``group`` scored (Ray resolves an ObjectRef argument before the call)."""
+        start = time.monotonic()
         results = self.pool.score([(c.text, group.reference) for c in group.completions])
+        self.telemetry.observe("reward_seconds", time.monotonic() - start)
+        self.telemetry.inc("reward_timeouts_total",
+                           sum(r.status == RewardStatus.TIMEOUT for res in results for r in res.values()))
         rewards = tuple(combine(r, self.weights) for r in results)
         accuracy = tuple(
             1.0 if r[self.config.accuracy_reward].status == RewardStatus.CORRECT else 0.0

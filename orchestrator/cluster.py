@@ -82,7 +82,8 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
     Rollout = ray.remote(RolloutActor)
     for i, bundle in enumerate(p.of("rollout")):
         actors.rollouts.append(
-            Rollout.options(**placement.options_for(pg, bundle, env=env)).remote(model_path, cfg.rollout, i)
+            Rollout.options(**placement.options_for(pg, bundle, env=env)).remote(
+                model_path, cfg.rollout, i, run_name=cfg.run.name)
         )
     if cfg.use_reference:
         bundle = p.of("learner")[0] if colocate else p.of("reference")[0]
@@ -90,8 +91,9 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
             **placement.options_for(pg, bundle, share=share, env=env)
         ).remote(model_path, cfg.reference, temperature=cfg.rollout.temperature)
     Reward = ray.remote(RewardActor)
-    for _ in range(cfg.cluster.num_reward_actors):
-        actors.rewards.append(Reward.options(num_cpus=cfg.cluster.cpus_per_actor, runtime_env={"env_vars": env} if env else None).remote(cfg.rewards))
+    for i in range(cfg.cluster.num_reward_actors):
+        actors.rewards.append(Reward.options(num_cpus=cfg.cluster.cpus_per_actor).remote(
+            cfg.rewards, run_name=cfg.run.name, index=i))
 
     master = ray.get(actors.learners[0].address.remote())
     sizes = ray.get([w.setup.remote(*master) for w in actors.learners])

@@ -13,8 +13,11 @@ Generation may run ``grpo.max_staleness_steps`` steps ahead of learning (0: on-p
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from pathlib import Path
 import ray
 
 from actors.rollout import PromptItem
+from actors.telemetry import Telemetry
 from learner.worker import StepStats
 from orchestrator import cluster
 from orchestrator.config import GRPOStageConfig, dump_config
@@ -85,6 +89,7 @@ class GRPOTrainer:
         self.actors = cluster.start_grpo_actors(cfg, cfg.model.path)
         backend = ray.get(self.actors.learners[0].collective_backend.remote())
         cluster.init_weight_push(self.actors, backend, cfg.rollout.tensor_parallel_size)
+        self.telemetry = Telemetry(cfg.run.name, "driver")
         self.version = 0
         self.launched: deque[_Launch] = deque()
         self._fed = 0
@@ -116,6 +121,7 @@ class GRPOTrainer:
         """Route each finished group through reward (and reference) to a learner rank."""
         a = self.actors
         pending = list(launch.streams)
+        depth = {}  # learner rank -> ObjectRef of its inbox size after the last feed
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             stream = ready[0]
@@ -127,8 +133,11 @@ class GRPOTrainer:
             scored = a.rewards[self._fed % len(a.rewards)].score.remote(group_ref)
             if a.reference is not None:
                 scored = a.reference.add_ref_logprobs.remote(scored)
-            a.learners[self._fed % len(a.learners)].feed.remote([scored])
+            rank = self._fed % len(a.learners)
+            depth[rank] = a.learners[rank].feed.remote([scored])
             self._fed += 1
+        # Groups queued at the learners when generation finished (not yet trained on).
+        self.telemetry.set("buffer_groups", sum(ray.get(list(depth.values()))))
         return time.monotonic() - launch.started
 
     def push_weights(self, version: int) -> float:
@@ -147,6 +156,9 @@ class GRPOTrainer:
 
     def record(self, step: int, stats: StepStats, rollout_s: float, push_s: float, step_s: float) -> dict:
         m = stats.finalize()
+        self.telemetry.set("learner_tokens_per_second", m["learner_tokens_per_s"])
+        self.telemetry.set("weight_push_seconds", push_s)
+        self.telemetry.set("staleness_steps", m["staleness_mean"])
         return {
             "step": step,
             "policy_version": self.version,
@@ -155,6 +167,43 @@ class GRPOTrainer:
             "weight_push_s": push_s,
             "step_s": step_s,
         }
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Learner states (DeepSpeed: weights, optimizer, scheduler) and the driver's own
+        state (step, policy version, prompt order), enough to continue at ``step + 1``."""
+        tag = f"step-{step}"
+        ray.get([w.save_checkpoint.remote(str(self.checkpoint_dir.resolve()), tag) for w in self.actors.learners])
+        state = {"step": step, "version": self.version, "tag": tag,
+                 "sampler": {"rng": _jsonable(self.sampler.rng.getstate()), "order": self.sampler.order}}
+        tmp = self.checkpoint_dir / "trainer_state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.checkpoint_dir / "trainer_state.json")  # atomic: never a half-written state
+        return self.checkpoint_dir / tag
+
+    def restore(self) -> int:
+        """Load the last checkpoint; returns the step it was taken at."""
+        from orchestrator.stages import StageError
+
+        path = self.checkpoint_dir / "trainer_state.json"
+        if not path.exists():
+            raise StageError(f"run.resume is set but {path} does not exist: nothing to resume "
+                             f"(start without run.resume, or pick the run name that was stopped)")
+        state = json.loads(path.read_text())
+        versions = ray.get([w.load_checkpoint.remote(str(self.checkpoint_dir.resolve()), state["tag"])
+                            for w in self.actors.learners])
+        self.version = int(state["version"])
+        if any(v != self.version for v in versions):
+            raise StageError(f"checkpoint {state['tag']} holds learner versions {versions}, expected {self.version}")
+        rng = state["sampler"]["rng"]
+        self.sampler.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        self.sampler.order = list(state["sampler"]["order"])
+        self.push_weights(self.version)  # engines start from the restored policy
+        return int(state["step"])
 
     # -- outputs ----------------------------------------------------------------------------
     def save_final(self) -> Path:
@@ -191,21 +240,52 @@ def progress_line(r: dict) -> str:
             f"kl {r['kl']:.4f}  {r['step_s']:.1f}s/step")
 
 
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
 def run(cfg: GRPOStageConfig, progress=None) -> Path:
-    """Run the stage; returns the run directory."""
+    """Run the stage; returns the run directory.
+
+    Stops gracefully at a step boundary when asked (``r1lab stop``, or SIGTERM from
+    ``ray job stop``): saves a checkpoint that ``run.resume=true`` continues from.
+    """
+    from orchestrator import control
+
     check_inputs(cfg)
     trainer = GRPOTrainer(cfg)
-    metrics = MetricsLogger(trainer.run_dir, config=cfg.model_dump(mode="json"),
-                            mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                            name=cfg.run.name)
+    ctl = control.start_control(cfg.run.name)
+    term = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: term.set())
+    metrics = None
     try:
-        for step in range(1, cfg.grpo.steps + 1):
+        first = trainer.restore() + 1 if cfg.run.resume else 1
+        metrics = MetricsLogger(trainer.run_dir, config=cfg.model_dump(mode="json"),
+                                mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
+                                name=cfg.run.name, resume=cfg.run.resume)
+        every = cfg.grpo.checkpoint_every_steps
+        for step in range(first, cfg.grpo.steps + 1):
             record = trainer.step(step)
             metrics.log(record)
             if progress is not None:
                 progress(step, cfg.grpo.steps, progress_line(record))
+            if term.is_set() or ray.get(ctl.should_stop.remote()):
+                saved = trainer.save_checkpoint(step)
+                log.warning("stopped at step %d; checkpoint %s (resume with run.resume=true)", step, saved)
+                ray.get(ctl.mark.remote("stopped", str(saved)))
+                if not term.is_set():
+                    # `r1lab stop` stops the Ray job next, so the job ends as STOPPED
+                    # rather than SUCCEEDED; do not outwait it for long.
+                    term.wait(timeout=120)
+                return trainer.run_dir
+            if every and step % every == 0 and step < cfg.grpo.steps:
+                trainer.save_checkpoint(step)
         trainer.save_final()
+        ray.get(ctl.mark.remote("finished"))
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         trainer.shutdown()
+        ray.kill(ctl)
     return trainer.run_dir
