@@ -97,7 +97,11 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, config: LearnerConfig, *, rank: int, world_size: int,
                  temperature: float, groups_per_rank: int, samples_per_prompt: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sft_micro_batch_sequences: int | None = None,
+                 sft_micro_batches_per_step: int | None = None) -> None:
+        """GRPO: a step is ``groups_per_rank`` groups of ``samples_per_prompt``, in
+        micro-batches of ``config.micro_batch_groups`` groups. SFT (``sft_step``): a step
+        is ``sft_micro_batches_per_step`` micro-batches of ``sft_micro_batch_sequences``."""
         self.model_path = model_path
         self.config = config
         self.rank = rank
@@ -105,6 +109,7 @@ class LearnerWorker:
         self.temperature = temperature
         self.groups_per_rank = groups_per_rank
         self.samples_per_prompt = samples_per_prompt
+        self.sft_shape = (sft_micro_batch_sequences, sft_micro_batches_per_step)
         self.seed = seed
         self.version = 0
         self._inbox: queue.Queue = queue.Queue()
@@ -144,8 +149,11 @@ class LearnerWorker:
         model.config.use_cache = False
         self.tokenizer_pad_id = int(model.config.pad_token_id or model.config.eos_token_id or 0)
 
-        micro_sequences = config.micro_batch_groups * samples_per_prompt
-        gas = groups_per_rank // config.micro_batch_groups
+        if self.sft_shape[0] is not None:
+            micro_sequences, gas = self.sft_shape
+        else:
+            micro_sequences = config.micro_batch_groups * samples_per_prompt
+            gas = groups_per_rank // config.micro_batch_groups
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_sequences,
             "gradient_accumulation_steps": gas,
@@ -291,6 +299,32 @@ class LearnerWorker:
         dist.all_reduce(local)
         return int(local.item())
 
+    # -- supervised fine-tuning ------------------------------------------------------------
+    def sft_step(self, micro_batches: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]],
+                 global_tokens: int) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches of (prompt_ids, response_ids):
+        next-token loss on response tokens only, token mean over ``global_tokens`` (the
+        response tokens of the whole step, all ranks), so any split gives the same update."""
+        from learner.sft import sft_loss
+
+        if len(micro_batches) != self.gas:
+            raise ValueError(f"sft_step got {len(micro_batches)} micro-batches, the engine expects {self.gas}")
+        totals = {"nll_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+        t0 = time.monotonic()
+        for rows in micro_batches:
+            ids, attn, mask = _pad_sft(rows, self.tokenizer_pad_id, self.device)  # [n, T] each
+            logits = self.engine(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [n, T-1, V]
+            loss, m = sft_loss(logits, ids[:, 1:], mask[:, 1:], agg_mode="token_mean",
+                               num_sequences=None, num_tokens=global_tokens)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            totals["nll_sum"] += float(m.nll_sum)
+            totals["tokens"] += float(m.token_count)
+            totals["correct"] += float(m.correct_count)
+        self.version += 1
+        totals["seconds"] = time.monotonic() - t0
+        return totals
+
     # -- weights ----------------------------------------------------------------------------
     def _named_full_params(self):
         """Full (gathered) parameters in HF names; under ZeRO-3 gathered on every rank."""
@@ -359,3 +393,18 @@ class LearnerWorker:
         _, client = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         self.version = int((client or {}).get("version", 0))
         return self.version
+
+
+def _pad_sft(rows, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and a response mask (1 where the token is part of
+    the response, i.e. what the loss is taken on)."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [n, T]
+    attn = torch.zeros((len(rows), width), dtype=torch.long)  # [n, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)  # [n, T]
+    for i, (p, r) in enumerate(rows):
+        seq = list(p) + list(r)
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        mask[i, len(p) : len(seq)] = 1.0
+    return ids.to(device), attn.to(device), mask.to(device)

@@ -85,7 +85,9 @@ def _summary(run_dir: Path) -> None:
     table.add_column("metric")
     table.add_column("first", justify="right")
     table.add_column("last", justify="right")
-    for key in ("reward_mean", "accuracy", "format_ok", "response_tokens_mean", "kl", "logprob_gap"):
+    preferred = ("reward_mean", "accuracy", "format_ok", "response_tokens_mean", "kl", "logprob_gap",
+                 "loss", "token_accuracy")
+    for key in (k for k in preferred if k in rows[0]):
         mean = lambda rs: sum(r[key] for r in rs if r.get(key) is not None) / max(1, sum(r.get(key) is not None for r in rs))  # noqa: E731
         table.add_row(key, f"{mean(first):.4f}", f"{mean(last):.4f}")
     console.print(table)

@@ -55,6 +55,15 @@ def plan(cfg) -> PlacementPlan:
     return PlacementPlan(tuple(bundles), c.placement_strategy)
 
 
+def plan_learners(num_workers: int, cluster) -> PlacementPlan:
+    """Bundles for a stage that only trains (SFT): one per learner rank."""
+    bundles = tuple(
+        BundlePlan("learner", i, {k: v for k, v in {"CPU": cluster.cpus_per_actor, "GPU": cluster.gpus_per_learner}.items() if v})
+        for i in range(num_workers)
+    )
+    return PlacementPlan(bundles, cluster.placement_strategy)
+
+
 def create_placement_group(p: PlacementPlan, timeout_s: float = 300.0) -> PlacementGroup:
     pg = placement_group([b.resources for b in p.bundles], strategy=p.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

@@ -1,0 +1,169 @@
+"""The ``sft`` stage: supervised fine-tuning on the DeepSpeed learner group.
+
+Used for the cold start (§2.3.1), for the rejection-sampled data (§2.3.3) and for
+distillation (§2.4). Rows are ``(prompt, response)`` pairs; the loss is taken on the
+response tokens only (the prompt is conditioned on), as a token mean over each step's
+global batch. Each step's sequences are split over learner ranks and into micro-batches
+of ``micro_batch_sequences``, sorted by length within the step so that padding stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import ray
+from pydantic import Field
+
+from learner.config import LearnerConfig
+from orchestrator import cluster, placement
+from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, _Frozen, dump_config
+from orchestrator.metrics import MetricsLogger
+from orchestrator.tasks import read_jsonl
+from orchestrator.templates import render_prompt
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataConfig(_Frozen):
+    train_path: Path
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    template: Literal["none", "r1zero", "plain", "chat"] = Field(
+        default="none", description="none: the prompt field is already the full prompt text")
+
+
+class SFTConfig(_Frozen):
+    epochs: int = Field(default=2, ge=1, description="paper §2.3.3: two epochs")
+    sequences_per_step: int = Field(default=32, ge=1)
+    micro_batch_sequences: int = Field(default=8, ge=1)
+    max_seq_tokens: int = Field(default=1024, ge=8, description="longer examples are dropped and counted")
+    shuffle: bool = True
+
+
+class Config(_Frozen):
+    run: RunConfig = RunConfig(name="sft")
+    model: ModelConfig
+    data: SFTDataConfig
+    sft: SFTConfig = SFTConfig()
+    learner: LearnerConfig = LearnerConfig(learning_rate=1e-5, kl_coef=0.0)
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def model_post_init(self, __context) -> None:
+        per_rank, rem = divmod(self.sft.sequences_per_step, self.learner.num_workers)
+        if rem or per_rank % self.sft.micro_batch_sequences:
+            raise ValueError(
+                f"sft.sequences_per_step ({self.sft.sequences_per_step}) must be a multiple of "
+                f"learner.num_workers × sft.micro_batch_sequences "
+                f"({self.learner.num_workers} × {self.sft.micro_batch_sequences})"
+            )
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        return self.sft.sequences_per_step // self.learner.num_workers // self.sft.micro_batch_sequences
+
+
+def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...]]], int]:
+    """Tokenised (prompt, response + EOS) pairs, and how many were too long."""
+    from orchestrator.stages import StageError
+
+    d = cfg.data
+    if not Path(d.train_path).exists():
+        raise StageError(f"data.train_path {d.train_path} does not exist (an SFT JSONL with "
+                         f"{d.prompt_key!r} and {d.response_key!r} fields, e.g. the sample stage's sft.jsonl)")
+    out, too_long = [], 0
+    eos = tokenizer.eos_token or ""
+    for n, row in enumerate(read_jsonl(d.train_path), 1):
+        if d.prompt_key not in row or d.response_key not in row:
+            raise StageError(f"{d.train_path}:{n}: needs fields {d.prompt_key!r} and {d.response_key!r}; "
+                             "set data.prompt_key / data.response_key")
+        prompt = row[d.prompt_key] if d.template == "none" else render_prompt(row[d.prompt_key], d.template, tokenizer)
+        p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        r = tuple(tokenizer(row[d.response_key] + eos, add_special_tokens=False)["input_ids"])
+        if len(p) + len(r) > cfg.sft.max_seq_tokens:
+            too_long += 1
+            continue
+        out.append((p, r))
+    if not out:
+        raise StageError(f"{d.train_path} has no usable rows ({too_long} longer than sft.max_seq_tokens)")
+    return out, too_long
+
+
+def run(cfg: Config, progress=None) -> Path:
+    from transformers import AutoTokenizer
+
+    from learner.worker import LearnerWorker
+
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    examples, too_long = load_examples(cfg, tokenizer)
+    if too_long:
+        log.warning("dropped %d examples longer than sft.max_seq_tokens=%d", too_long, cfg.sft.max_seq_tokens)
+    steps_per_epoch = len(examples) // cfg.sft.sequences_per_step
+    if steps_per_epoch == 0:
+        from orchestrator.stages import StageError
+
+        raise StageError(f"{len(examples)} examples are fewer than sft.sequences_per_step={cfg.sft.sequences_per_step}")
+    total = steps_per_epoch * cfg.sft.epochs
+
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    plan = placement.plan_learners(cfg.learner.num_workers, cfg.cluster)
+    pg = placement.create_placement_group(plan)
+    env = placement.actor_env()
+    workers = [
+        ray.remote(LearnerWorker).options(**placement.options_for(pg, b, env=env)).remote(
+            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.learner.num_workers, temperature=1.0,
+            groups_per_rank=1, samples_per_prompt=1, seed=cfg.run.seed,
+            sft_micro_batch_sequences=cfg.sft.micro_batch_sequences,
+            sft_micro_batches_per_step=cfg.micro_batches_per_rank)
+        for b in plan.bundles
+    ]
+    metrics = MetricsLogger(run_dir, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
+                            project=cfg.logging.wandb_project, name=cfg.run.name)
+    rng = random.Random(cfg.run.seed)
+    try:
+        master = ray.get(workers[0].address.remote())
+        ray.get([w.setup.remote(*master) for w in workers])
+        step = 0
+        for epoch in range(cfg.sft.epochs):
+            order = list(range(len(examples)))
+            if cfg.sft.shuffle:
+                rng.shuffle(order)
+            for k in range(steps_per_epoch):
+                step += 1
+                t0 = time.monotonic()
+                batch = [examples[i] for i in order[k * cfg.sft.sequences_per_step:(k + 1) * cfg.sft.sequences_per_step]]
+                shards = _split(batch, cfg.learner.num_workers, cfg.sft.micro_batch_sequences)
+                tokens = sum(len(r) for _, r in batch)
+                results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
+                nll = sum(r["nll_sum"] for r in results) / tokens
+                record = {"step": step, "epoch": epoch + 1, "loss": nll,
+                          "token_accuracy": sum(r["correct"] for r in results) / tokens,
+                          "tokens_per_s": tokens / max(r["seconds"] for r in results),
+                          "step_s": time.monotonic() - t0}
+                metrics.log(record)
+                if progress is not None:
+                    progress(step, total, f"epoch {epoch + 1}  loss {nll:.4f}  ppl {math.exp(min(nll, 50)):.2f}")
+        final = run_dir / "final"
+        ray.get([w.save_hf.remote(str(final)) for w in workers])
+        tokenizer.save_pretrained(final)
+    finally:
+        metrics.close()
+        for w in workers:
+            ray.kill(w)
+        placement.remove_placement_group(pg)
+    return run_dir
+
+
+def _split(batch, ranks: int, micro: int) -> list[list[list]]:
+    """Length-sorted, dealt round-robin to ranks, then cut into micro-batches."""
+    ordered = sorted(batch, key=lambda pr: len(pr[0]) + len(pr[1]))
+    per_rank = [ordered[r::ranks] for r in range(ranks)]
+    return [[rows[i:i + micro] for i in range(0, len(rows), micro)] for rows in per_rank]
