@@ -153,12 +153,16 @@ def data_make(
     digits: int = 2,
     test_share: float = 0.1,
     seed: int = 0,
+    cold_start: Annotated[int, typer.Option(help="also write N R1-format cold-start SFT rows (cold_start.jsonl)")] = 0,
 ) -> None:
     """Write a synthetic task's train/test split as JSONL (prompt, answer)."""
-    from orchestrator.tasks import make_dataset
+    from orchestrator.tasks import make_cold_start, make_dataset
 
     try:
         paths = make_dataset(task, out, test_share=test_share, seed=seed, digits=digits)
+        if cold_start:
+            paths["cold_start"] = make_cold_start(out / "cold_start.jsonl", n=cold_start, test_share=test_share,
+                                                  seed=seed, digits=digits)
     except ValueError as err:
         _fail(str(err))
     for split, path in paths.items():

@@ -58,6 +58,10 @@ class AdditionTask:
         shown = a + b if answer is None else answer
         return f" <think> {self.reasoning(a, b)} </think> <answer> {shown} </answer>"
 
+    def r1_solution(self, a: int, b: int) -> str:
+        """The R1 output shape (§2.3.1): reasoning in ``<think>``, then a readable summary."""
+        return f" <think> {self.reasoning(a, b)} </think> The sum of {a} and {b} is \\boxed{{{a + b}}}."
+
     def split_of(self, a: int, b: int, *, test_share: float, seed: int) -> str:
         """'train' or 'test', a fixed function of the operand pair (held-out pairs)."""
         h = hashlib.sha256(f"{seed}:{a}+{b}".encode()).digest()
@@ -140,6 +144,20 @@ def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answ
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
+
+
+def make_cold_start(out_path: Path, *, n: int, test_share: float = 0.1, seed: int = 0, digits: int = 2) -> Path:
+    """Cold-start SFT data (§2.3.1): ``n`` training prompts with readable R1-format
+    solutions (``prompt`` is the bare question; the SFT stage applies the template)."""
+    t = AdditionTask(digits=digits)
+    rows = t.rows("train", test_share=test_share, seed=seed)
+    random.Random(seed).shuffle(rows)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w") as f:
+        for row in rows[:n]:
+            a, b = parse_addition(row.prompt)
+            f.write(json.dumps({"prompt": row.prompt, "response": t.r1_solution(a, b), "answer": row.answer}) + "\n")
+    return out_path
 
 
 def make_dataset(task: str, out_dir: Path, *, test_share: float = 0.1, seed: int = 0, **options) -> dict[str, Path]:
