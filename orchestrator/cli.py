@@ -96,28 +96,31 @@ def _summary(run_dir: Path) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where models, data and runs go")] = Path("runs"),
-    steps: Annotated[Optional[int], typer.Option(help="GRPO steps (default: the config's)")] = None,
-    config: Annotated[Path, typer.Option("-c", "--config")] = Path("configs/demo/grpo.yaml"),
+    rl_steps: Annotated[Optional[int], typer.Option(help="GRPO steps per RL stage (default: the configs')")] = None,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts per evaluation")] = 64,
+    k: Annotated[int, typer.Option(help="samples per prompt for pass@1 and cons@k")] = 8,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """GRPO on the synthetic addition task, on this machine's CPUs: builds a tiny base
-    model and the data if they are missing, then trains and reports."""
-    from orchestrator.tasks import make_dataset
-    from orchestrator.tinymodel import build_tiny_model
+    """The R1 recipe on a synthetic task on this machine's CPUs: R1-Zero, the R1 pipeline,
+    distillation, and an evaluation table of every checkpoint."""
+    from orchestrator.demo import run_demo
 
-    model_dir, data_dir = out / "models" / "tiny-addition", out / "data" / "addition"
-    if not (model_dir / "model.safetensors").exists():
-        console.print(f"building a tiny base model in {model_dir} (pretraining on a noisy corpus)")
-        with _progress() as progress:
-            bar = progress.add_task("pretrain", total=600, info="")
-            build_tiny_model(model_dir, progress=lambda s, n, loss: progress.update(bar, completed=s, info=f"loss {loss:.3f}"))
-    if not (data_dir / "train.jsonl").exists():
-        make_dataset("addition", data_dir)
-    overrides = [f"model.path={model_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
-                 f"data.test_path={data_dir / 'test.jsonl'}", f"run.output_dir={out}"]
-    if steps is not None:
-        overrides.append(f"grpo.steps={steps}")
-    run("grpo", config, overrides, verbose)
+    _logging(verbose)
+    start = time.monotonic()
+    stamp = lambda text: console.print(f"[dim]{time.monotonic() - start:6.0f}s[/] {text}")  # noqa: E731
+    demo_dir = run_demo(out, rl_steps=rl_steps, eval_prompts=eval_prompts, k=k, progress=stamp)
+    import json
+
+    results = json.loads((demo_dir / "results.json").read_text())
+    table = Table(title=f"held-out addition, pass@1 over k={k} samples (T 0.6, top-p 0.95) and cons@{k}")
+    for col in ("checkpoint", "params", "pass@1", f"cons@{k}", "tokens"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for r in results["checkpoints"]:
+        table.add_row(r["name"], f"{(r['params'] or 0) / 1e6:.2f}M", f"{r['pass@1']:.3f}", f"{r['cons@k']:.3f}",
+                      f"{r['mean_response_tokens']:.1f}")
+    console.print(table)
+    console.print(f"results: {demo_dir / 'results.json'}; curves: {demo_dir}/*.png; "
+                  f"wall time {time.monotonic() - start:.0f}s")
 
 
 @app.command("init-model")

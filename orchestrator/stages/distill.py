@@ -1,0 +1,51 @@
+"""The ``distill`` stage (§2.4): sample the teacher (the ``sample`` stage: k samples per
+prompt, keep the correct and readable ones), then ``sft`` the student on what was kept.
+
+A two-step pipeline whose steps are built from two stage configs; like any pipeline, a
+completed step is skipped on rerun. Outputs: ``<run>/teacher_samples/sft.jsonl`` and the
+student checkpoint ``<run>/student/final`` (also linked as ``<run>/final``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from orchestrator.config import ClusterConfig, RunConfig, _Frozen
+from orchestrator.stages import pipeline
+
+
+class DistillSection(_Frozen):
+    teacher: str = Field(description="teacher checkpoint (path or hub id)")
+    student: str = Field(description="student base model (path or hub id)")
+    sample_config: Path = Field(description="a `sample` stage config: prompts, k, filters, rewards")
+    sft_config: Path = Field(description="an `sft` stage config: epochs, batch, learner")
+    sample_overrides: tuple[str, ...] = ()
+    sft_overrides: tuple[str, ...] = ()
+
+
+class Config(_Frozen):
+    run: RunConfig = RunConfig(name="distill")
+    distill: DistillSection
+    cluster: ClusterConfig = ClusterConfig()
+
+
+def as_pipeline(cfg: Config) -> pipeline.Config:
+    d = cfg.distill
+    steps = (
+        pipeline.PipelineStep(name="teacher_samples", stage="sample", config=d.sample_config,
+                              overrides=(f"model.path={d.teacher}", *d.sample_overrides)),
+        pipeline.PipelineStep(name="student", stage="sft", config=d.sft_config,
+                              overrides=(f"model.path={d.student}", "data.train_path=${teacher_samples.dataset}",
+                                         "data.template=none", *d.sft_overrides)),
+    )
+    return pipeline.Config(run=cfg.run, pipeline=pipeline.PipelineSection(steps=steps), cluster=cfg.cluster)
+
+
+def run(cfg: Config, progress=None) -> Path:
+    run_dir = pipeline.run(as_pipeline(cfg), progress=progress)
+    final = run_dir / "final"
+    if not final.exists():
+        final.symlink_to(Path("student") / "final", target_is_directory=True)
+    return run_dir
