@@ -304,10 +304,14 @@ def answer_key(reward: str, text: str, correct: bool, options: dict) -> str | No
 
         return extract_answer_tag(text)
     if reward == "math_accuracy":
-        from rewards.math import extract_answer
+        from rewards.math import extract_answer, unbox
 
         found = extract_answer(text, strict=options.get("extraction", "strict") == "strict")
-        return None if found is None else found.text.strip()
+        if found is None:
+            return None
+        # "$\boxed{3}$" and "3" are the same vote; unwrapping keeps samples.jsonl readable.
+        shown = found.text.strip().strip("$").strip()
+        return unbox(shown) or shown
     if reward == "code_tests":
         from rewards.code import extract_code
 

@@ -87,3 +87,64 @@ def test_eval_results_match_a_recount_of_the_saved_verdicts(ray_local, tiny_base
     assert bench["mean_response_tokens"] == pytest.approx(sum(s["response_tokens"] for s in samples) / len(samples))
     # the tiny base model answers some, not all, questions right at T = 0.6
     assert 0.0 < bench["pass@1"] < 1.0
+
+
+def _scored(index: int, reference: str, texts: list[str], correct: list[bool]):
+    from learner.batch import Completion, Group, ScoredGroup
+
+    completions = tuple(Completion((1, 2), (0.0, 0.0), t, "stop") for t in texts)
+    acc = tuple(1.0 if c else 0.0 for c in correct)
+    return ScoredGroup(Group(index, (5,), reference, completions, 0), acc, acc, (float("nan"),) * len(texts))
+
+
+def test_cons_at_k_groups_equivalent_math_answers():
+    """No cluster needed: score_benchmark on hand-made graded groups."""
+    from orchestrator.benchmarks_data import Benchmark, BenchmarkRow
+    from orchestrator.stages.eval import EvalConfig, score_benchmark
+    from rewards.config import RewardsConfig, RewardSpec
+
+    box = lambda a: f"<think> work </think> The answer is $\\boxed{{{a}}}$."  # noqa: E731
+    bench = Benchmark("m", "math500", (BenchmarkRow("q0", "\\frac{1}{2}", "math_accuracy"),
+                                       BenchmarkRow("q1", "3", "math_accuracy")))
+    groups = [
+        # gold 1/2: three notations of 1/2 (3 votes) beat "3" (2 votes): cons right
+        _scored(0, "\\frac{1}{2}", [box("3"), box("\\frac12"), box("0.5"), box("3"), box("1/2")],
+                [False, True, True, False, True]),
+        # gold 3: by exact strings "3" (2 votes) would win; grouped, 1/2 wins: cons wrong
+        _scored(1, "3", [box("3"), box("\\frac12"), box("0.5"), box("3"), box("1/2")],
+                [True, False, False, True, False]),
+    ]
+    settings = EvalConfig(benchmarks=[{"name": "m", "path": "unused.jsonl"}], samples_per_prompt=5, pass_at_k=[1, 5])
+    rewards = RewardsConfig(rewards=[RewardSpec(name="math_accuracy")], accuracy_reward="math_accuracy",
+                            format_reward=None, workers=1)
+    result = score_benchmark(bench, groups, settings, rewards)
+    assert result.cons_at_k == pytest.approx(0.5)  # (1 + 0) / 2
+    assert result.pass_at_1 == pytest.approx((3 / 5 + 2 / 5) / 2)
+    assert result.pass_at_k == {1: pytest.approx(0.5), 5: pytest.approx(1.0)}
+    assert [s.answer for s in result.samples[:3]] == ["3", "\\frac12", "0.5"]
+
+
+def test_evaluate_checkpoint_twice_on_one_cluster_frees_its_resources(ray_local, tiny_base_model, tmp_path):
+    """What `r1lab demo` does: evaluate several checkpoints without restarting Ray."""
+    import time
+
+    from ray.util import placement_group_table
+
+    from orchestrator.stages import eval as eval_stage
+
+    cfg = eval_config(tiny_base_model, addition_file(tmp_path), tmp_path, samples_per_prompt=2, pass_at_k=[1, 2])
+    benchmarks = eval_stage.load_benchmarks(cfg.eval, cfg.rewards)
+
+    def free_cpus_settle_to(expected: float) -> float:
+        deadline = time.monotonic() + 30  # killed actors release their CPUs asynchronously
+        while (free := ray_local.available_resources().get("CPU", 0.0)) < expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return free
+
+    before = ray_local.available_resources().get("CPU", 0.0)
+    for _ in range(2):
+        result = eval_stage.evaluate_checkpoint(str(tiny_base_model), cfg.eval, benchmarks, rollout=cfg.rollout,
+                                                rewards=cfg.rewards, cluster=cfg.cluster)
+        assert result.by_name("add").n_prompts == PROMPTS and result.by_name("add").k == 2
+        assert free_cpus_settle_to(before) == before
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
