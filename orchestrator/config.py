@@ -18,8 +18,13 @@ from learner.config import LearnerConfig
 from rewards.config import RewardsConfig
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """Base of every config section: immutable, and unknown keys are errors."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_Frozen = FrozenModel
 
 
 class RunConfig(_Frozen):

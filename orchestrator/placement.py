@@ -64,6 +64,16 @@ def plan_learners(num_workers: int, cluster) -> PlacementPlan:
     return PlacementPlan(bundles, cluster.placement_strategy)
 
 
+def plan_inference(cluster, rollout) -> PlacementPlan:
+    """Bundles for rollout engines alone (evaluation and sampling need no learner)."""
+    gpus = cluster.gpus_per_rollout_engine * rollout.tensor_parallel_size
+    bundles = tuple(
+        BundlePlan("rollout", i, {k: v for k, v in {"CPU": cluster.cpus_per_actor, "GPU": gpus}.items() if v})
+        for i in range(rollout.num_engines)
+    )
+    return PlacementPlan(bundles, cluster.placement_strategy)
+
+
 def create_placement_group(p: PlacementPlan, timeout_s: float = 300.0) -> PlacementGroup:
     pg = placement_group([b.resources for b in p.bundles], strategy=p.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

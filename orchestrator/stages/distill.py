@@ -12,11 +12,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from orchestrator.config import ClusterConfig, RunConfig, _Frozen
+from orchestrator.config import ClusterConfig, RunConfig, FrozenModel
 from orchestrator.stages import pipeline
 
 
-class DistillSection(_Frozen):
+class DistillSection(FrozenModel):
     teacher: str = Field(description="teacher checkpoint (path or hub id)")
     student: str = Field(description="student base model (path or hub id)")
     sample_config: Path = Field(description="a `sample` stage config: prompts, k, filters, rewards")
@@ -25,7 +25,7 @@ class DistillSection(_Frozen):
     sft_overrides: tuple[str, ...] = ()
 
 
-class Config(_Frozen):
+class Config(FrozenModel):
     run: RunConfig = RunConfig(name="distill")
     distill: DistillSection
     cluster: ClusterConfig = ClusterConfig()

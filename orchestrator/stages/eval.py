@@ -42,7 +42,7 @@ from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
 from orchestrator import placement
 from orchestrator.benchmarks_data import FORMATS, Benchmark, load_benchmark
-from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
 from orchestrator.eval_math import consensus_correct, mean, mean_pass_at_k
 from orchestrator.templates import render_prompt
 from rewards.config import RewardsConfig, RewardSpec
@@ -55,11 +55,7 @@ Progress = Callable[[int, int, str], None]
 # -- configuration --------------------------------------------------------------------------
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BenchmarkSpec(_Frozen):
+class BenchmarkSpec(FrozenModel):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     path: Path
     format: Literal["task", "math500", "gsm8k", "humaneval", "mbpp"] | None = Field(
@@ -67,7 +63,7 @@ class BenchmarkSpec(_Frozen):
     limit: int | None = Field(default=None, ge=1, description="evaluate the first N rows only")
 
 
-class EvalConfig(_Frozen):
+class EvalConfig(FrozenModel):
     """Paper §3: k samples per question at T = 0.6, top-p = 0.95 (k = 64 in the paper's
     tables; 16 here, a quarter of the cost, still a low-variance pass@1)."""
 
@@ -109,7 +105,7 @@ class EvalConfig(_Frozen):
         return tuple(out)
 
 
-class EvalStageConfig(_Frozen):
+class EvalStageConfig(FrozenModel):
     """Everything the ``eval`` stage needs."""
 
     run: RunConfig = RunConfig(name="eval")
@@ -199,16 +195,6 @@ class EvalResult:
 # -- actors (shared with the sample stage) -------------------------------------------------------
 
 
-def inference_plan(cluster: ClusterConfig, rollout: RolloutConfig) -> placement.PlacementPlan:
-    """Bundles for rollout engines alone (evaluation and sampling need no learner).
-    Belongs beside ``placement.plan``; kept here until placement.py grows it."""
-    gpus = cluster.gpus_per_rollout_engine * rollout.tensor_parallel_size
-    bundles = tuple(placement.BundlePlan("rollout", i, {k: v for k, v in
-                                                        {"CPU": cluster.cpus_per_actor, "GPU": gpus}.items() if v})
-                    for i in range(rollout.num_engines))
-    return placement.PlacementPlan(bundles, cluster.placement_strategy)
-
-
 def rewards_for(reward: str, rewards: RewardsConfig) -> RewardsConfig:
     """The reward set that grades a benchmark: its accuracy reward (with the options
     ``rewards`` gives it, if it names it) plus ``rewards``' format reward."""
@@ -229,7 +215,7 @@ def start_inference_actors(model_path: str, rollout: RolloutConfig, reward_sets:
     from actors.reward import RewardActor
     from actors.rollout import RolloutActor
 
-    plan = inference_plan(cluster, rollout)
+    plan = placement.plan_inference(cluster, rollout)
     pg = placement.create_placement_group(plan)
     env = placement.actor_env()
     actors = cluster_mod.StageActors(pg=pg)

@@ -21,21 +21,21 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from orchestrator.config import ClusterConfig, RunConfig, _Frozen, dump_config, load_config
+from orchestrator.config import ClusterConfig, RunConfig, FrozenModel, dump_config, load_config
 
 log = logging.getLogger(__name__)
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(model|dataset|dir)\}")
 OUTPUTS = {"model": "final", "dataset": "sft.jsonl", "dir": ""}
 
 
-class PipelineStep(_Frozen):
+class PipelineStep(FrozenModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     stage: str
     config: Path
     overrides: tuple[str, ...] = ()
 
 
-class PipelineSection(_Frozen):
+class PipelineSection(FrozenModel):
     steps: tuple[PipelineStep, ...]
 
     @field_validator("steps")
@@ -57,7 +57,7 @@ class PipelineSection(_Frozen):
         return steps
 
 
-class Config(_Frozen):
+class Config(FrozenModel):
     run: RunConfig = RunConfig(name="pipeline")
     pipeline: PipelineSection
     cluster: ClusterConfig = ClusterConfig()

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.config import RolloutConfig
 from orchestrator.benchmarks_data import Benchmark, BenchmarkRow, load_benchmark
-from orchestrator.config import ClusterConfig, DataConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator.config import FrozenModel, ClusterConfig, DataConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
 from orchestrator.filters import REASONS, ReadabilityRules, select
 from orchestrator.stages.eval import (
     Progress,
@@ -42,11 +42,7 @@ from rewards.config import RewardsConfig
 log = logging.getLogger(__name__)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SampleConfig(_Frozen):
+class SampleConfig(FrozenModel):
     """Sampling uses the paper's recommended T = 0.6, top-p = 0.95 (§3 and the R1 model
     card), not the RL temperature 1: this stage exists to collect *readable* data, and
     hotter samples from a small checkpoint are more often incoherent or mixed-language,
@@ -71,7 +67,7 @@ class SampleConfig(_Frozen):
                                 max_paragraph_chars=self.max_paragraph_chars)
 
 
-class SampleStageConfig(_Frozen):
+class SampleStageConfig(FrozenModel):
     """Everything the ``sample`` stage needs."""
 
     run: RunConfig = RunConfig(name="sample")

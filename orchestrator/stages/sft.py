@@ -21,7 +21,7 @@ from pydantic import Field
 
 from learner.config import LearnerConfig
 from orchestrator import cluster, placement
-from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, _Frozen, dump_config
+from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, FrozenModel, dump_config
 from orchestrator.metrics import MetricsLogger
 from orchestrator.tasks import read_jsonl
 from orchestrator.templates import render_prompt
@@ -29,7 +29,7 @@ from orchestrator.templates import render_prompt
 log = logging.getLogger(__name__)
 
 
-class SFTDataConfig(_Frozen):
+class SFTDataConfig(FrozenModel):
     train_path: Path
     prompt_key: str = "prompt"
     response_key: str = "response"
@@ -37,7 +37,7 @@ class SFTDataConfig(_Frozen):
         default="none", description="none: the prompt field is already the full prompt text")
 
 
-class SFTConfig(_Frozen):
+class SFTConfig(FrozenModel):
     epochs: int = Field(default=2, ge=1, description="paper §2.3.3: two epochs")
     sequences_per_step: int = Field(default=32, ge=1)
     micro_batch_sequences: int = Field(default=8, ge=1)
@@ -45,7 +45,7 @@ class SFTConfig(_Frozen):
     shuffle: bool = True
 
 
-class Config(_Frozen):
+class Config(FrozenModel):
     run: RunConfig = RunConfig(name="sft")
     model: ModelConfig
     data: SFTDataConfig
