@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from actors.config import RolloutConfig
 from actors.rollout import PromptItem

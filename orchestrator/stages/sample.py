@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from actors.config import RolloutConfig
 from orchestrator.benchmarks_data import Benchmark, BenchmarkRow, load_benchmark
