@@ -47,3 +47,13 @@ def test_bad_recipes_are_refused(tmp_path, steps, needle):
     p.write_text(f"pipeline: {{steps: {steps}}}\n")
     with pytest.raises(ConfigError, match=needle):
         load_config(p, model=pipeline.Config)
+
+
+def test_gpu_distillation_recipe_validates_both_steps():
+    cfg = load_config(ROOT / "configs/gpu/distill/distill-qwen2.5-1.5b.yaml", model=distill.Config)
+    p = distill.as_pipeline(cfg)
+    sample_cfg = pipeline.step_config(p, p.pipeline.steps[0])[1]
+    sft_cfg = pipeline.step_config(p, p.pipeline.steps[1])[1]
+    assert sft_cfg.model.path == "Qwen/Qwen2.5-1.5B" and sft_cfg.learner.dtype == "bf16"
+    assert str(sft_cfg.data.train_path).endswith("distill-qwen2.5-1.5b/teacher_samples/sft.jsonl")
+    assert sample_cfg.rollout.num_engines == 8
