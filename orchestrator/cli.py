@@ -192,7 +192,7 @@ def start(
         _fail(str(err))
     run_name = name or cfg.run.name
     addr = jobs.ensure_local_head()
-    remote = addr != jobs.DEFAULT_LOCAL if working_dir is None else working_dir
+    remote = not jobs.is_local(addr) if working_dir is None else working_dir
     extra = [o for o in (overrides or []) if not o.startswith("run.name=")]
     job_id = jobs.submit(addr, stage, config, [*extra, f"run.name={run_name}"], run_name, working_dir=remote)
     console.print(f"submitted {stage} as run [bold]{run_name}[/] (job {job_id}) to {addr}")

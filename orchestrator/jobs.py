@@ -31,6 +31,20 @@ def address() -> str | None:
     return addr
 
 
+def is_local(addr: str) -> bool:
+    """Whether the Jobs API address is on this machine (then jobs run here, in this venv)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(addr).hostname or ""
+    names = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    try:
+        names.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return host in names
+
+
 def client(addr: str):
     from ray.job_submission import JobSubmissionClient
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import sys
@@ -37,18 +38,43 @@ def _wait(predicate, timeout: float, what: str, interval: float = 2.0):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+DASHBOARD_PORT, METRICS_PORT, GCS_PORT = 8277, 8099, 6391  # worker ports are 10002-19999
+
+
 @pytest.fixture()
 def head(tmp_path):
+    """A Ray head of this test's own (its own ports, temp dir and process group), so that
+    tearing it down touches no other Ray cluster on the machine."""
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Ray's socket paths must stay under 108 bytes: a short TMPDIR of its own.
+    # Ray's socket paths must stay under 108 bytes: a short temp dir of its own.
     short = tempfile.mkdtemp(prefix="r1j-", dir="/tmp")
     base.update(RAY_AUTH_MODE="disabled", TMPDIR=short, COLUMNS="200")
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=base)
-    proc = subprocess.run([str(BIN / "ray"), "start", "--head", "--dashboard-host", "127.0.0.1", "--num-cpus", "4",
-                           "--metrics-export-port", "8089"], capture_output=True, text=True, env=base)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    yield {**base, "RAY_ADDRESS": "http://127.0.0.1:8265"}
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=base)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(GCS_PORT), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "4",
+         "--temp-dir", short, "--disable-usage-stats"],
+        env=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**base, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+
+    def up():
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version", timeout=2)
+            return True
+        except OSError:
+            return proc.poll() is not None  # exited: fail below instead of waiting
+    _wait(up, 120, "the Ray head's dashboard", interval=1.0)
+    assert proc.poll() is None, "ray start --head exited early"
+    yield env
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     shutil.rmtree(short, ignore_errors=True)
 
 
@@ -60,7 +86,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def _metric(name: str) -> float:
-    text = urllib.request.urlopen("http://127.0.0.1:8089/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
     values = [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
     return max(values, default=0.0)
 
