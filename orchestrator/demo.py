@@ -55,7 +55,7 @@ def build_inputs(out: Path, progress=None) -> dict[str, Path]:
 
 def answers_only(sft_jsonl: Path, out: Path) -> Path:
     """The rejection-sampled rows with the reasoning removed: same prompts, same count,
-    the response is just the boxed answer."""
+    the response is just the final answer."""
     from rewards.math import extract_answer
 
     with sft_jsonl.open() as src, out.open("w") as dst:
@@ -64,7 +64,7 @@ def answers_only(sft_jsonl: Path, out: Path) -> Path:
             answer = extract_answer(row["response"])
             if answer is None:  # kept rows were graded correct, so each has an answer
                 raise ValueError(f"{sft_jsonl}: a kept response has no extractable answer: {row['response'][:80]!r}")
-            dst.write(json.dumps({"prompt": row["prompt"], "response": f" \\boxed{{{answer.text}}}"}) + "\n")
+            dst.write(json.dumps({"prompt": row["prompt"], "response": f" The answer is {answer.text}."}) + "\n")
     return out
 
 

@@ -59,8 +59,9 @@ class AdditionTask:
         return f" <think> {self.reasoning(a, b)} </think> <answer> {shown} </answer>"
 
     def r1_solution(self, a: int, b: int) -> str:
-        """The R1 output shape (§2.3.1): reasoning in ``<think>``, then a readable summary."""
-        return f" <think> {self.reasoning(a, b)} </think> The sum of {a} and {b} is \\boxed{{{a + b}}}."
+        """The R1 output shape (§2.3.1): reasoning in ``<think>``, then a readable summary
+        (worded with tokens the tiny tokenizer already has, so a short cold start learns it)."""
+        return f" <think> {self.reasoning(a, b)} </think> The answer is {a + b}."
 
     def split_of(self, a: int, b: int, *, test_share: float, seed: int) -> str:
         """'train' or 'test', a fixed function of the operand pair (held-out pairs)."""
