@@ -42,7 +42,8 @@ def tiny_base_model(tmp_path_factory) -> Path:
         return Path(cached)
     from orchestrator.tinymodel import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"), pretrain_steps=400)
+    # The demo's base: 600 steps (400 left it too weak for the learning threshold below).
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"), pretrain_steps=600)
 
 
 @pytest.fixture(scope="session")
