@@ -45,8 +45,8 @@ def build_inputs(out: Path, progress=None) -> dict[str, Path]:
         build_tiny_model(paths["base"])
     if not (paths["student"] / "model.safetensors").exists():
         _say(progress, "pretraining the smaller student base model")
-        spec = TinyModelSpec(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1)
-        build_tiny_model(paths["student"], spec=spec, pretrain_steps=300)
+        spec = TinyModelSpec(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=2, num_kv_heads=1)
+        build_tiny_model(paths["student"], spec=spec)
     if not (paths["data"] / "cold_start.jsonl").exists():
         make_dataset("addition", paths["data"])
         make_cold_start(paths["data"] / "cold_start.jsonl", n=512)
