@@ -77,6 +77,19 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     raise RuntimeError("started a local Ray head but its dashboard (Jobs API) did not answer on 8265")
 
 
+def submit_job(c, *, retry_s: float = 120.0, **kwargs) -> str:
+    """``JobSubmissionClient.submit_job``, retried while a freshly started head has no job
+    agent yet ("No available agent to submit job")."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return c.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run: str
@@ -112,8 +125,8 @@ def submit(addr: str, stage: str, config: Path, overrides: list[str], run: str, 
     env = {"PYTHONUNBUFFERED": "1", **(extra_env or {})}
     runtime_env["env_vars"] = env
     job_id = f"r1lab-{run}-{uuid.uuid4().hex[:6]}"
-    return c.submit_job(entrypoint=entry, submission_id=job_id, runtime_env=runtime_env,
-                        metadata={"r1lab_run": run, "r1lab_stage": stage})
+    return submit_job(c, entrypoint=entry, submission_id=job_id, runtime_env=runtime_env,
+                      metadata={"r1lab_run": run, "r1lab_stage": stage})
 
 
 def list_runs(addr: str, *, with_progress: bool = True) -> list[RunInfo]:
@@ -162,7 +175,8 @@ def stop(addr: str, run: str, *, timeout_s: float = 600.0) -> tuple[RunInfo, str
     stopped. Returns the job and its final status."""
     job = latest_job(addr, run, running_only=True)
     c = client(addr)
-    helper = c.submit_job(
+    helper = submit_job(
+        c,
         entrypoint=f"{shlex.quote(sys.executable)} -m orchestrator.control stop {shlex.quote(run)}"
         if job.entrypoint.startswith("cd ") else f"python -m orchestrator.control stop {shlex.quote(run)}",
         submission_id=f"r1lab-stop-{run}-{uuid.uuid4().hex[:6]}",
@@ -187,6 +201,6 @@ def resume(addr: str, run: str) -> str:
         entry += " run.resume=true"
     c = client(addr)
     details = c.get_job_info(job.job_id)
-    return c.submit_job(entrypoint=entry, submission_id=f"r1lab-{run}-{uuid.uuid4().hex[:6]}",
-                        runtime_env=details.runtime_env or {},
-                        metadata={"r1lab_run": run, "r1lab_stage": job.stage, "r1lab_resumed_from": job.job_id})
+    return submit_job(c, entrypoint=entry, submission_id=f"r1lab-{run}-{uuid.uuid4().hex[:6]}",
+                      runtime_env=details.runtime_env or {},
+                      metadata={"r1lab_run": run, "r1lab_stage": job.stage, "r1lab_resumed_from": job.job_id})
