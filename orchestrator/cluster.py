@@ -107,8 +107,6 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
 
 def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int) -> None:
     """Form the weight-push group: learner rank 0 plus every worker of every engine."""
-    from learner.weight_sync import free_port  # noqa: F401 (rank 0 chooses its own port)
-
     host, port = ray.get(actors.learners[0].address.remote())
     spec = ray.get(actors.learners[0].weight_spec.remote())
     world = 1 + len(actors.rollouts) * tensor_parallel_size
