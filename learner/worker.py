@@ -20,7 +20,7 @@ import os
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -85,11 +85,6 @@ class StepStats:
             "learner_tokens_per_s": div(self.response_tokens, self.learner_seconds),
             "grad_norm": self.grad_norm,
         }
-
-
-@dataclass
-class _MicroBatch:
-    groups: list[ScoredGroup] = field(default_factory=list)
 
 
 class LearnerWorker:
