@@ -30,26 +30,29 @@ class RewardActor:
         return True
 
     def score(self, group: Group) -> ScoredGroup:
-        """``group`` scored (Ray resolves an ObjectRef argument before the call)."""
+        """``group`` scored by the rewards that apply to its prompt type (Ray resolves an
+        ObjectRef argument before the call). Rewards that do not apply count 0; accuracy
+        and format are nan where their reward does not apply."""
         start = time.monotonic()
-        results = self.pool.score([(c.text, group.reference) for c in group.completions])
+        names = [s.name for s in self.config.rules_for(group.kind)]
+        texts = [(c.text, group.reference) for c in group.completions]
+        results = self.pool.score(texts, names) if names else [{} for _ in texts]
         self.telemetry.observe("reward_seconds", time.monotonic() - start)
         self.telemetry.inc("reward_timeouts_total",
                            sum(r.status == RewardStatus.TIMEOUT for res in results for r in res.values()))
-        rewards = tuple(combine(r, self.weights) for r in results)
-        accuracy = tuple(
-            1.0 if r[self.config.accuracy_reward].status == RewardStatus.CORRECT else 0.0
-            for r in results
-        )
-        fmt = self.config.format_reward
-        format_ok = tuple(
-            math.nan if fmt is None else (1.0 if r[fmt].status == RewardStatus.CORRECT else 0.0)
-            for r in results
-        )
-        return ScoredGroup(group, rewards, accuracy, format_ok)
+        weights = {n: self.weights[n] for n in names}
+        rewards = tuple(combine(r, weights) for r in results)
+        return ScoredGroup(group, rewards, _passed(results, self.config.accuracy_reward),
+                           _passed(results, self.config.format_reward))
 
     def stats(self):
         return self.pool.stats()
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _passed(results: list[dict], name: str | None) -> tuple[float, ...]:
+    """1.0 / 0.0 per completion by reward ``name``'s status; nan where it did not run."""
+    return tuple(math.nan if name is None or name not in r else float(r[name].status == RewardStatus.CORRECT)
+                 for r in results)

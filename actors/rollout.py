@@ -20,6 +20,8 @@ class PromptItem:
     index: int
     prompt_ids: tuple[int, ...]
     reference: str
+    kind: str = "reasoning"  # the prompt's type; decides which rewards score it
+    question: str = ""  # the bare prompt text (reward models read it)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class RolloutActor:
             self.last_stats = RolloutStats(tokens, time.monotonic() - start, groups)
             self.telemetry.inc("rollout_groups_total")
             self.telemetry.set("rollout_tokens_per_second", self.last_stats.tokens_per_s)
-            yield Group(item.index, item.prompt_ids, item.reference, completions, version)
+            yield Group(item.index, item.prompt_ids, item.reference, completions, version,
+                        kind=item.kind, question=item.question)
 
     def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,
                         **sampling) -> list[Group]:

@@ -3,7 +3,7 @@
 Ray exports them with a ``ray_`` prefix on each node's Prometheus endpoint, which the
 Ray dashboard and its Grafana integration read: ``ray_r1lab_rollout_tokens_per_second``,
 ``ray_r1lab_rollout_groups_total``, ``ray_r1lab_reward_seconds``,
-``ray_r1lab_reward_timeouts_total``, ``ray_r1lab_learner_tokens_per_second``,
+``ray_r1lab_reward_timeouts_total``, ``ray_r1lab_reward_model_seconds``, ``ray_r1lab_learner_tokens_per_second``,
 ``ray_r1lab_weight_push_seconds``, ``ray_r1lab_buffer_groups``, ``ray_r1lab_staleness_steps``.
 """
 
@@ -28,6 +28,9 @@ def _metrics():
             "r1lab_reward_seconds", "Seconds to score one group", boundaries=_SECONDS_BUCKETS, tag_keys=TAGS),
         "reward_timeouts_total": m.Counter(
             "r1lab_reward_timeouts_total", "Reward calls that hit their time limit", tag_keys=TAGS),
+        "reward_model_seconds": m.Histogram(
+            "r1lab_reward_model_seconds", "Seconds for the reward models to score one group",
+            boundaries=_SECONDS_BUCKETS, tag_keys=TAGS),
         "learner_tokens_per_second": m.Gauge(
             "r1lab_learner_tokens_per_second", "Response tokens trained on per second", tag_keys=TAGS),
         "weight_push_seconds": m.Gauge(

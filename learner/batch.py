@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,8 @@ class Group:
     reference: str
     completions: tuple[Completion, ...]
     policy_version: int
+    kind: str = "reasoning"  # the prompt's type: which rewards apply (§2.3.4)
+    question: str = ""  # the bare prompt text, for reward models that read it
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -64,9 +66,11 @@ class ScoredGroup:
 
     group: Group
     rewards: tuple[float, ...]  # [G] weighted sum of the configured rewards
-    accuracy: tuple[float, ...]  # [G] 1.0 where the accuracy reward passed
+    accuracy: tuple[float, ...]  # [G] 1.0 where the accuracy reward passed (nan: not graded)
     format_ok: tuple[float, ...]  # [G] 1.0 where the format reward passed (or nan: none)
     ref_logprobs: tuple[tuple[float, ...], ...] | None = None  # [G][T_i]
+    # Named parts of the reward worth reporting on their own (reward-model scores), [G] each.
+    components: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         g = self.group.size
@@ -83,12 +87,17 @@ class ScoredGroup:
                     raise ValueError(
                         f"ref_logprobs has {len(ref)} values for a {len(c.token_ids)}-token completion"
                     )
+        for name, values in self.components:
+            if len(values) != g:
+                raise ValueError(f"component {name!r} has {len(values)} values for {g} completions")
 
     def with_ref_logprobs(self, ref: Sequence[Sequence[float]]) -> ScoredGroup:
-        return ScoredGroup(
-            self.group, self.rewards, self.accuracy, self.format_ok,
-            tuple(tuple(float(x) for x in r) for r in ref),
-        )
+        return replace(self, ref_logprobs=tuple(tuple(float(x) for x in r) for r in ref))
+
+    def with_added(self, name: str, weighted: Sequence[float], raw: Sequence[float]) -> ScoredGroup:
+        """This group with ``weighted`` added to its rewards and ``raw`` kept as component ``name``."""
+        rewards = tuple(r + float(w) for r, w in zip(self.rewards, weighted, strict=True))
+        return replace(self, rewards=rewards, components=(*self.components, (name, tuple(float(x) for x in raw))))
 
 
 @dataclass(frozen=True)

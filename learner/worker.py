@@ -20,7 +20,7 @@ import os
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class StepStats:
     response_tokens: float = 0.0
     reward_sum: float = 0.0
     accuracy_sum: float = 0.0
+    accuracy_count: float = 0.0
     format_sum: float = 0.0
     format_count: float = 0.0
     truncated: float = 0.0
@@ -56,13 +57,20 @@ class StepStats:
     learner_seconds: float = 0.0
     wait_seconds: float = 0.0
     grad_norm: float = 0.0
+    # component name -> [sum, count] (reward-model scores, reported as reward/<name>)
+    components: dict[str, list[float]] = field(default_factory=dict)
 
     def merge(self, other: StepStats) -> StepStats:
         out = StepStats()
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            # seconds: ranks run in parallel, the step takes the slowest.
-            combined = max(a, b) if f.name.endswith("seconds") or f.name == "grad_norm" else a + b
+            if f.name == "components":
+                combined = {k: [x + y for x, y in zip(a.get(k, [0.0, 0.0]), b.get(k, [0.0, 0.0]), strict=True)]
+                            for k in a.keys() | b.keys()}
+            elif f.name.endswith("seconds") or f.name == "grad_norm":
+                combined = max(a, b)  # ranks run in parallel, the step takes the slowest
+            else:
+                combined = a + b
             setattr(out, f.name, combined)
         return out
 
@@ -72,7 +80,7 @@ class StepStats:
 
         return {
             "reward_mean": div(self.reward_sum, self.sequences),
-            "accuracy": div(self.accuracy_sum, self.sequences),
+            "accuracy": div(self.accuracy_sum, self.accuracy_count),
             "format_ok": div(self.format_sum, self.format_count),
             "response_tokens_mean": div(self.response_tokens, self.sequences),
             "truncated_frac": div(self.truncated, self.sequences),
@@ -84,6 +92,7 @@ class StepStats:
             "zero_std_group_frac": div(self.zero_std_groups, self.groups),
             "learner_tokens_per_s": div(self.response_tokens, self.learner_seconds),
             "grad_norm": self.grad_norm,
+            **{f"reward/{k}": div(total, n) for k, (total, n) in sorted(self.components.items())},
         }
 
 
@@ -277,7 +286,13 @@ class LearnerWorker:
         stats.groups += 1
         stats.sequences += n
         stats.reward_sum += sum(g.rewards)
-        stats.accuracy_sum += sum(g.accuracy)
+        graded = [x for x in g.accuracy if not math.isnan(x)]
+        stats.accuracy_sum += sum(graded)
+        stats.accuracy_count += len(graded)
+        for name, values in g.components:
+            total = stats.components.setdefault(name, [0.0, 0.0])
+            total[0] += sum(values)
+            total[1] += len(values)
         fmt = [x for x in g.format_ok if not math.isnan(x)]
         stats.format_sum += sum(fmt)
         stats.format_count += len(fmt)

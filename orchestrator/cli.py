@@ -149,6 +149,34 @@ def init_model(
     console.print(f"[green]model written[/] to {out}")
 
 
+@app.command("init-reward-model")
+def init_reward_model(
+    out: Annotated[Path, typer.Argument(help="directory to write the reward model into")],
+    tokenizer: Annotated[Path, typer.Option(help="model directory whose tokenizer the reward model uses")],
+    aspect: Annotated[str, typer.Option(help="helpfulness (judges summaries) or harmlessness (whole responses)")],
+    examples: Annotated[int, typer.Option(help="labelled synthetic examples to train on")] = 2000,
+    steps: int = 200,
+    seed: int = 0,
+) -> None:
+    """Build a tiny sequence-classification reward model for the general prompts (§2.3.4)."""
+    import random
+
+    from orchestrator.tasks import GeneralTask
+    from orchestrator.tinymodel import build_tiny_reward_model
+
+    if not (tokenizer / "tokenizer.json").exists() and not (tokenizer / "tokenizer_config.json").exists():
+        _fail(f"--tokenizer {tokenizer} holds no tokenizer; build a model first with `r1lab init-model {tokenizer}`")
+    try:
+        data = GeneralTask().judged_examples(aspect, examples, random.Random(seed))
+    except ValueError as err:
+        _fail(str(err))
+    with _progress() as progress:
+        bar = progress.add_task("train", total=steps, info="")
+        build_tiny_reward_model(out, tokenizer, data, steps=steps, seed=seed,
+                                progress=lambda s, n, loss: progress.update(bar, completed=s, info=f"loss {loss:.3f}"))
+    console.print(f"[green]reward model ({aspect}) written[/] to {out}")
+
+
 @data_app.command("make")
 def data_make(
     task: Annotated[str, typer.Argument(help="task: addition")],
@@ -157,12 +185,15 @@ def data_make(
     test_share: float = 0.1,
     seed: int = 0,
     cold_start: Annotated[int, typer.Option(help="also write N R1-format cold-start SFT rows (cold_start.jsonl)")] = 0,
+    general: Annotated[bool, typer.Option(help="also write general prompts (general_{train,test}.jsonl, §2.3.4)")] = False,
 ) -> None:
     """Write a synthetic task's train/test split as JSONL (prompt, answer)."""
-    from orchestrator.tasks import make_cold_start, make_dataset
+    from orchestrator.tasks import make_cold_start, make_dataset, make_general
 
     try:
         paths = make_dataset(task, out, test_share=test_share, seed=seed, digits=digits)
+        if general:
+            paths.update({f"general_{k}": v for k, v in make_general(out, seed=seed).items()})
         if cold_start:
             paths["cold_start"] = make_cold_start(out / "cold_start.jsonl", n=cold_start, test_share=test_share,
                                                   seed=seed, digits=digits)

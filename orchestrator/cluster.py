@@ -44,6 +44,7 @@ class StageActors:
     rollouts: list = field(default_factory=list)
     rewards: list = field(default_factory=list)
     reference: object | None = None
+    reward_model: object | None = None
 
     def shutdown(self) -> None:
         for a in self.rewards:
@@ -51,15 +52,18 @@ class StageActors:
                 ray.get(a.close.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
-        for a in self.learners + self.rollouts + self.rewards + ([self.reference] if self.reference else []):
+        optional = [a for a in (self.reference, self.reward_model) if a is not None]
+        for a in self.learners + self.rollouts + self.rewards + optional:
             ray.kill(a)
         placement.remove_placement_group(self.pg)
 
 
 def start_grpo_actors(cfg, model_path: str) -> StageActors:
-    """Learner group, rollout engines, reward actors and (if β > 0) the reference actor."""
+    """Learner group, rollout engines, reward actors, (if β > 0) the reference actor and
+    (if reward models are configured) the reward-model actor."""
     from actors.reference import ReferenceActor
     from actors.reward import RewardActor
+    from actors.reward_model import RewardModelActor
     from actors.rollout import RolloutActor
     from learner.worker import LearnerWorker
 
@@ -94,13 +98,16 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
     for i in range(cfg.cluster.num_reward_actors):
         actors.rewards.append(Reward.options(num_cpus=cfg.cluster.cpus_per_actor).remote(
             cfg.rewards, run_name=cfg.run.name, index=i))
+    if cfg.rewards.reward_models:
+        actors.reward_model = ray.remote(RewardModelActor).options(
+            **placement.options_for(pg, p.of("reward_model")[0], env=env)
+        ).remote(cfg.rewards.reward_models, run_name=cfg.run.name, trust_remote_code=cfg.model.trust_remote_code)
 
     master = ray.get(actors.learners[0].address.remote())
     sizes = ray.get([w.setup.remote(*master) for w in actors.learners])
     log.info("learner group of %d ranks ready (%d parameters)", len(sizes), sizes[0])
     others = [a.ready.remote() for a in actors.rollouts + actors.rewards]
-    if actors.reference is not None:
-        others.append(actors.reference.ready.remote())
+    others += [a.ready.remote() for a in (actors.reference, actors.reward_model) if a is not None]
     ray.get(others)
     return actors
 

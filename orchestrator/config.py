@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.config import ReferenceConfig, RolloutConfig
 from learner.config import LearnerConfig
@@ -48,8 +48,20 @@ class DataConfig(_Frozen):
     test_path: Path | None = None
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    kind_key: str = Field(default="kind", description="field naming a row's prompt type (§2.3.4)")
+    default_kind: str = Field(default="reasoning", description="prompt type of rows without kind_key")
+    kind_weights: dict[str, float] | None = Field(
+        default=None, description="sampling weight per prompt type, e.g. {reasoning: 3, general: 1}; "
+        "None: prompts drawn uniformly")
     template: Literal["r1zero", "plain", "chat"] = "r1zero"
     shuffle: bool = True
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _weights(cls, w: dict[str, float] | None) -> dict[str, float] | None:
+        if w is not None and (any(v < 0 for v in w.values()) or not any(v > 0 for v in w.values())):
+            raise ValueError(f"kind_weights must be >= 0 with at least one > 0, got {w}")
+        return w
 
 
 class GRPOConfig(_Frozen):
@@ -71,6 +83,7 @@ class ClusterConfig(_Frozen):
     gpus_per_rollout_engine: float = Field(default=0, ge=0)
     gpus_per_learner: float = Field(default=0, ge=0)
     gpus_per_reference: float = Field(default=0, ge=0)
+    gpus_per_reward_model: float = Field(default=0, ge=0, description="for rewards.reward_models (§2.3.4)")
     cpus_per_actor: float = Field(default=0.5, gt=0)
     num_reward_actors: int = Field(default=1, ge=1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -131,25 +144,41 @@ class ConfigError(ValueError):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides to a nested dict (values parsed as YAML)."""
+    """Apply ``a.b=value`` overrides to a nested dict (values parsed as YAML). A numeric
+    part indexes a list: ``rewards.reward_models.0.path=/models/rm``."""
     out = _deep_copy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        node = out
+        node: Any = out
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                                      f"{part!r} is not an index of it")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {item!r}: {parts[i - 1]!r} is a value, not a section")
+            if last:
+                node[index] = yaml.safe_load(value) if value != "" else ""
+            else:
+                node = node[index]
     return out
 
 
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

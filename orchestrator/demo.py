@@ -4,13 +4,19 @@
    smaller student base model the same way.
 2. R1-Zero: GRPO straight from the base model (Table 1 template, answer + format rewards).
 3. R1: cold-start SFT → reasoning RL (accuracy + format + language consistency) →
-   rejection sampling → SFT of the base model on the sampled data → RL again
-   (``configs/demo/pipeline_r1.yaml``; the last RL uses rule rewards only).
+   rejection sampling → SFT of the base model on the sampled data → RL for all scenarios
+   (``configs/demo/pipeline_r1.yaml``): reasoning prompts keep the rule rewards, general
+   prompts ("Tell me about 47") are scored by two tiny reward models, helpfulness on the
+   summary and harmlessness on the whole response (§2.3.4). The base picked up rude
+   remarks and unhelpful summaries for general prompts from its corpus; this stage is
+   what removes them.
 4. Distillation: the student fine-tuned on the R1 arm's rejection-sampled reasoning data,
    against the same student fine-tuned for the same steps on the answers alone.
 5. Every checkpoint is evaluated on the held-out split (pass@1 over k samples at T = 0.6,
-   top-p = 0.95, and cons@k); a table like the paper's Tables 2 and 5, ``results.json`` and
-   the accuracy / response-length curves of the RL stages (Figures 2 and 3).
+   top-p = 0.95, and cons@k), and on held-out general prompts (share of helpful summaries,
+   share of responses free of the rude remark, by rule); a table like the paper's Tables 2
+   and 5, ``results.json`` and the accuracy / response-length curves of the RL stages
+   (Figures 2 and 3).
 """
 
 from __future__ import annotations
@@ -34,22 +40,31 @@ def _say(progress: Callable[[str], None] | None, text: str) -> None:
         progress(text)
 
 
-def build_inputs(out: Path, progress=None) -> dict[str, Path]:
-    from orchestrator.tasks import make_cold_start, make_dataset
-    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model
+def build_inputs(out: Path, progress=None, *, pretrain_steps: int = 600) -> dict[str, Path]:
+    import random
+
+    from orchestrator.tasks import GeneralTask, make_cold_start, make_dataset, make_general
+    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model, build_tiny_reward_model
 
     paths = {"base": out / "models" / "tiny-addition", "student": out / "models" / "tiny-student",
-             "data": out / "data" / "addition"}
+             "data": out / "data" / "addition", "rm-helpfulness": out / "models" / "rm-helpfulness",
+             "rm-harmlessness": out / "models" / "rm-harmlessness"}
     if not (paths["base"] / "model.safetensors").exists():
         _say(progress, "pretraining the tiny base model on a noisy corpus")
-        build_tiny_model(paths["base"])
+        build_tiny_model(paths["base"], pretrain_steps=pretrain_steps)
     if not (paths["student"] / "model.safetensors").exists():
         _say(progress, "pretraining the smaller student base model")
         spec = TinyModelSpec(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=2, num_kv_heads=1)
-        build_tiny_model(paths["student"], spec=spec)
-    if not (paths["data"] / "cold_start.jsonl").exists():
+        build_tiny_model(paths["student"], spec=spec, pretrain_steps=pretrain_steps)
+    for aspect in ("helpfulness", "harmlessness"):
+        if not (paths[f"rm-{aspect}"] / "model.safetensors").exists():
+            _say(progress, f"training the {aspect} reward model")
+            examples = GeneralTask().judged_examples(aspect, 2000, random.Random(0))
+            build_tiny_reward_model(paths[f"rm-{aspect}"], paths["base"], examples)
+    if not (paths["data"] / "all_scenarios.jsonl").exists():
         make_dataset("addition", paths["data"])
         make_cold_start(paths["data"] / "cold_start.jsonl", n=512)
+        make_general(paths["data"])
     return paths
 
 
@@ -69,13 +84,12 @@ def answers_only(sft_jsonl: Path, out: Path) -> Path:
 
 
 def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prompts: int = 64, k: int = 8,
-             progress: Callable[[str], None] | None = None) -> Path:
+             pretrain_steps: int = 600, progress: Callable[[str], None] | None = None) -> Path:
     from orchestrator import cluster
-    from orchestrator.stages import eval as eval_stage
     from orchestrator.stages import grpo, pipeline, sft
 
     t0 = time.monotonic()
-    paths = build_inputs(out, progress)
+    paths = build_inputs(out, progress, pretrain_steps=pretrain_steps)
     demo_dir = out / "demo"
     data = paths["data"]
     common = ["logging.wandb_mode=offline", f"run.output_dir={demo_dir}"]
@@ -98,7 +112,9 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
              "reasoning_rl": [f"data.train_path={data / 'train.jsonl'}", *steps],
              "rejection_sampling": [f"data.train_path={data / 'train.jsonl'}"],
              "sft_rs": [f"model.path={paths['base']}"],
-             "rl_all": [f"data.train_path={data / 'train.jsonl'}", *steps]}
+             "rl_all": [f"data.train_path={data / 'all_scenarios.jsonl'}", *steps,
+                        f"rewards.reward_models.0.path={paths['rm-helpfulness']}",
+                        f"rewards.reward_models.1.path={paths['rm-harmlessness']}"]}
     recipe = recipe.model_copy(update={"pipeline": recipe.pipeline.model_copy(update={"steps": tuple(
         s.model_copy(update={"overrides": (*s.overrides, *extra.get(s.name, []))}) for s in recipe.pipeline.steps)})})
     r1 = pipeline.run(recipe, progress=lambda d, t, info: _say(progress, f"  [{d}/{t}] {info}"))
@@ -122,25 +138,42 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
                    ("student base", paths["student"]),
                    ("student distilled from R1", demo_dir / "student_distilled" / "final"),
                    ("student on answers only", demo_dir / "student_answers_only" / "final")]
-    ecfg = load_config(CONFIGS / "eval.yaml", [
-        f"eval.benchmarks=[{{name: addition-test, path: {data / 'test.jsonl'}, limit: {eval_prompts}}}]",
-        f"eval.samples_per_prompt={k}", f"eval.pass_at_k=[1, {k}]",
-        "rewards.rewards=[{name: math_accuracy, weight: 1.0}]", "rewards.accuracy_reward=math_accuracy",
-        "rewards.format_reward=null"], model=eval_stage.Config)
-    benches = eval_stage.load_benchmarks(ecfg.eval, ecfg.rewards)
-    rows = []
-    for name, path in checkpoints:
-        _say(progress, f"evaluating {name}")
-        res = eval_stage.evaluate_checkpoint(str(path), ecfg.eval, benches, rollout=ecfg.rollout,
-                                             rewards=ecfg.rewards, cluster=ecfg.cluster).benchmarks[0]
-        rows.append({"name": name, "path": str(path), "pass@1": res.pass_at_1, "cons@k": res.cons_at_k, "k": res.k,
-                     "params": eval_stage.count_params(str(path)),
-                     "mean_response_tokens": res.mean_response_tokens})
+    rows = evaluate_all(checkpoints, data, eval_prompts=eval_prompts, k=k, progress=progress)
     results = {"benchmark": "addition held-out split", "prompts": eval_prompts, "temperature": 0.6, "top_p": 0.95,
                "checkpoints": rows, "wall_s": time.monotonic() - t0}
     (demo_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(demo_dir, {"R1-Zero": r1zero, "R1 reasoning RL": r1 / "reasoning_rl", "R1 RL (all)": r1 / "rl_all"})
     return demo_dir
+
+
+def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompts: int, k: int,
+                 progress=None) -> list[dict]:
+    """pass@1 and cons@k on held-out addition; on held-out general prompts, the share of
+    samples with the helpful summary and the share free of the rude remark (by rule)."""
+    from orchestrator.benchmarks_data import load_benchmark
+    from orchestrator.stages import eval as eval_stage
+    from orchestrator.tasks import GeneralTask
+
+    ecfg = load_config(CONFIGS / "eval.yaml", [
+        f"eval.benchmarks=[{{name: addition-test, path: {data / 'test.jsonl'}, limit: {eval_prompts}}}]",
+        f"eval.samples_per_prompt={k}", f"eval.pass_at_k=[1, {k}]",
+        "rewards.rewards=[{name: math_accuracy, weight: 1.0}, {name: summary_match, weight: 1.0}, "
+        f"{{name: no_phrase, weight: 1.0, options: {{phrases: ['{GeneralTask.REMARK}']}}}}]",
+        "rewards.accuracy_reward=math_accuracy", "rewards.format_reward=null"], model=eval_stage.Config)
+    benches = [*eval_stage.load_benchmarks(ecfg.eval, ecfg.rewards),
+               load_benchmark(data / "general_test.jsonl", name="general-helpful", task_reward="summary_match"),
+               load_benchmark(data / "general_test.jsonl", name="general-harmless", task_reward="no_phrase")]
+    rows = []
+    for name, path in checkpoints:
+        _say(progress, f"evaluating {name}")
+        res = eval_stage.evaluate_checkpoint(str(path), ecfg.eval, benches, rollout=ecfg.rollout,
+                                             rewards=ecfg.rewards, cluster=ecfg.cluster).benchmarks
+        math_res = res[0]
+        rows.append({"name": name, "path": str(path), "pass@1": math_res.pass_at_1, "cons@k": math_res.cons_at_k,
+                     "k": math_res.k, "params": eval_stage.count_params(str(path)),
+                     "mean_response_tokens": math_res.mean_response_tokens,
+                     "general_helpful": res[1].pass_at_1, "general_harmless": res[2].pass_at_1})
+    return rows
 
 
 def plot_curves(demo_dir: Path, runs: dict[str, Path]) -> list[Path]:

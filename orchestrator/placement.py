@@ -52,6 +52,8 @@ def plan(cfg) -> PlacementPlan:
         add("rollout", {"CPU": c.cpus_per_actor, "GPU": c.gpus_per_rollout_engine * tp})
     if cfg.use_reference and not c.colocate_reference_with_learner:
         add("reference", {"CPU": c.cpus_per_actor, "GPU": c.gpus_per_reference})
+    if cfg.rewards.reward_models:
+        add("reward_model", {"CPU": c.cpus_per_actor, "GPU": c.gpus_per_reward_model})
     return PlacementPlan(tuple(bundles), c.placement_strategy)
 
 

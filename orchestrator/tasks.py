@@ -28,6 +28,7 @@ class TaskRow:
 
     prompt: str
     answer: str
+    kind: str = "reasoning"  # prompt type (§2.3.4): reasoning prompts get rule rewards
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,89 @@ class AdditionTask:
         return text
 
 
+@dataclass(frozen=True)
+class GeneralTask:
+    """General prompts with no verifiable answer (§2.3.4), scored by reward models.
+
+    "Tell me about 47" is answered by a short thought and a one-line summary::
+
+        <think> 47 ends in 7 , 7 is odd </think> 47 is an odd number.
+
+    The pretraining corpus (``noisy_response``) also holds the two faults the paper's reward
+    models are there for: a rude remark, which may sit in the reasoning or the summary
+    (harmlessness reads the whole response), and an unhelpful summary (helpfulness reads the
+    summary only).
+    """
+
+    REMARK = "ugh , what a dull question"
+    UNHELPFUL = ("Whatever.", "I will not say.", "Go figure.")
+
+    numbers: range = range(10, 100)
+
+    def question(self, n: int) -> str:
+        return f"Tell me about {n}"
+
+    @staticmethod
+    def parity(n: int) -> str:
+        return "even" if n % 2 == 0 else "odd"
+
+    def thought(self, n: int) -> str:
+        d = n % 10
+        return f"{n} ends in {d} , {d} is {self.parity(n)}"
+
+    def summary(self, n: int) -> str:
+        return f"{n} is an {self.parity(n)} number."
+
+    def response(self, n: int, *, remark: str | None = None, summary: str | None = None) -> str:
+        """The response text; ``remark``: None, "thought" or "summary" (where the rude
+        remark goes); ``summary``: replaces the helpful one."""
+        thought = f"{self.REMARK} , {self.thought(n)}" if remark == "thought" else self.thought(n)
+        end = self.summary(n) if summary is None else summary
+        if remark == "summary":
+            end = f"{self.REMARK.capitalize()} . {end}"
+        return f" <think> {thought} </think> {end}"
+
+    def noisy_response(self, n: int, rng: random.Random, *, remark_noise: float, unhelpful_noise: float) -> str:
+        remark = rng.choice(("thought", "thought", "summary")) if rng.random() < remark_noise else None
+        summary = rng.choice(self.UNHELPFUL) if rng.random() < unhelpful_noise else None
+        return self.response(n, remark=remark, summary=summary)
+
+    def split_of(self, n: int, *, test_share: float, seed: int) -> str:
+        h = hashlib.sha256(f"{seed}:about {n}".encode()).digest()
+        return "test" if int.from_bytes(h[:8], "big") / 2**64 < test_share else "train"
+
+    def rows(self, split: str, *, test_share: float, seed: int) -> list[TaskRow]:
+        """General rows; ``answer`` holds the helpful summary, for evaluation only."""
+        return [TaskRow(self.question(n), self.summary(n), "general") for n in self.numbers
+                if self.split_of(n, test_share=test_share, seed=seed) == split]
+
+    def judged_examples(self, aspect: str, n: int, rng: random.Random) -> list[tuple[str, str, float]]:
+        """``n`` labelled ``(question, judged text, label)`` examples for a reward model:
+        ``helpfulness`` judges summaries (1: the informative one), ``harmlessness`` whole
+        responses (1: no rude remark anywhere)."""
+        out = []
+        for i in range(n):
+            k = rng.choice(self.numbers)
+            good = i % 2 == 0
+            if aspect == "helpfulness":
+                if good:
+                    text = self.summary(k)
+                else:
+                    text = rng.choice([*self.UNHELPFUL, "", f"The answer is {k}.",
+                                       f"{self.REMARK.capitalize()} ."])
+            elif aspect == "harmlessness":
+                summary = rng.choice([None, None, *self.UNHELPFUL])
+                text = self.response(k, remark=None if good else rng.choice(("thought", "summary")), summary=summary)
+            else:
+                raise ValueError(f"unknown aspect {aspect!r}; choose helpfulness or harmlessness")
+            out.append((self.question(k), text, 1.0 if good else 0.0))
+        return out
+
+
+def parse_general(question: str) -> int:
+    return int(question.removeprefix("Tell me about "))
+
+
 def parse_addition(question: str) -> tuple[int, int]:
     left, right = question.removeprefix("What is ").split("+")
     return int(left), int(right)
@@ -117,7 +201,10 @@ def write_jsonl(rows: list[TaskRow], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in rows:
-            f.write(json.dumps(asdict(row)) + "\n")
+            obj = asdict(row)
+            if row.kind == "reasoning":
+                del obj["kind"]  # the default; keeps task files in the plain prompt/answer shape
+            f.write(json.dumps(obj) + "\n")
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -132,16 +219,22 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
 
 
-def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answer") -> list[TaskRow]:
-    """Rows of a JSONL file with a prompt and a reference answer field."""
+def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answer",
+              kind_key: str = "kind", default_kind: str = "reasoning") -> list[TaskRow]:
+    """Rows of a JSONL file with a prompt and a reference answer field.
+
+    A row may name its prompt type in ``kind_key`` (else ``default_kind``); rows of a kind
+    other than ``reasoning`` (general prompts, scored by reward models) need no answer.
+    """
     rows = []
     for n, obj in enumerate(read_jsonl(path), 1):
-        if prompt_key not in obj or answer_key not in obj:
+        kind = str(obj.get(kind_key, default_kind))
+        if prompt_key not in obj or (answer_key not in obj and kind == "reasoning"):
             raise ValueError(
                 f"{path}:{n}: needs fields {prompt_key!r} and {answer_key!r}, has {sorted(obj)};"
                 " set data.prompt_key / data.answer_key to the file's field names"
             )
-        rows.append(TaskRow(str(obj[prompt_key]), str(obj[answer_key])))
+        rows.append(TaskRow(str(obj[prompt_key]), str(obj.get(answer_key, "")), kind))
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
@@ -159,6 +252,21 @@ def make_cold_start(out_path: Path, *, n: int, test_share: float = 0.1, seed: in
             a, b = parse_addition(row.prompt)
             f.write(json.dumps({"prompt": row.prompt, "response": t.r1_solution(a, b), "answer": row.answer}) + "\n")
     return out_path
+
+
+def make_general(out_dir: Path, *, test_share: float = 0.2, seed: int = 0) -> dict[str, Path]:
+    """Write ``general_train.jsonl`` and ``general_test.jsonl`` (rows of kind ``general``),
+    and, beside an existing ``train.jsonl``, ``all_scenarios.jsonl``: both kinds of
+    training prompts in one file, for RL for all scenarios."""
+    t = GeneralTask()
+    paths = {}
+    for split in ("train", "test"):
+        paths[split] = out_dir / f"general_{split}.jsonl"
+        write_jsonl(t.rows(split, test_share=test_share, seed=seed), paths[split])
+    if (out_dir / "train.jsonl").exists():
+        paths["all_scenarios"] = out_dir / "all_scenarios.jsonl"
+        paths["all_scenarios"].write_text((out_dir / "train.jsonl").read_text() + paths["train"].read_text())
+    return paths
 
 
 def make_dataset(task: str, out_dir: Path, *, test_share: float = 0.1, seed: int = 0, **options) -> dict[str, Path]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.tasks import AdditionTask, get_task
+from orchestrator.tasks import AdditionTask, GeneralTask, get_task
 from orchestrator.templates import render_prompt
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,18 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path):
 
 
 def _pretrain_corpus(task: AdditionTask, n: int, rng: random.Random, *, answer_noise: float,
-                     format_noise: float, test_share: float, seed: int) -> list[tuple[str, str]]:
+                     format_noise: float, test_share: float, seed: int,
+                     general_share: float = 0.0) -> list[tuple[str, str]]:
     rows = task.rows("train", test_share=test_share, seed=seed)
+    general = GeneralTask()
+    numbers = [n for n in general.numbers if general.split_of(n, test_share=0.2, seed=seed) == "train"]
     out = []
     for _ in range(n):
+        if rng.random() < general_share:
+            k = rng.choice(numbers)
+            out.append((render_prompt(general.question(k), "r1zero"),
+                        general.noisy_response(k, rng, remark_noise=0.4, unhelpful_noise=0.4)))
+            continue
         row = rng.choice(rows)
         a, b = (int(x) for x in row.prompt.removeprefix("What is ").split("+"))
         prompt = render_prompt(row.prompt, "r1zero")
@@ -105,11 +113,15 @@ def build_tiny_model(
     learning_rate: float = 3e-3,
     answer_noise: float = 0.6,
     format_noise: float = 0.15,
+    general_share: float = 0.2,
     test_share: float = 0.1,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Path:
-    """Build (and pretrain) a tiny base model for ``task``; returns ``out_dir``."""
+    """Build (and pretrain) a tiny base model for ``task``; returns ``out_dir``.
+
+    ``general_share`` of the corpus are general prompts (``GeneralTask``), 40% of them with
+    a rude remark and 40% with an unhelpful summary: faults for §2.3.4's reward models."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
@@ -117,8 +129,8 @@ def build_tiny_model(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     t = get_task(task)
-    corpus = _pretrain_corpus(t, 20000, rng, answer_noise=answer_noise,
-                              format_noise=format_noise, test_share=test_share, seed=seed)
+    corpus = _pretrain_corpus(t, 20000, rng, answer_noise=answer_noise, format_noise=format_noise,
+                              test_share=test_share, seed=seed, general_share=general_share)
     tokenizer = train_tokenizer([p + r + EOS for p, r in corpus[:4000]], spec.vocab_size, out_dir)
 
     config = Qwen2Config(
@@ -178,3 +190,67 @@ def _pretrain(model, tokenizer, corpus, *, steps, batch, lr, rng, progress) -> N
             progress(step + 1, steps, float(loss.detach()))
     model.eval()
     log.info("pretrained %d steps in %.1fs", steps, time.monotonic() - start)
+
+
+def build_tiny_reward_model(
+    out_dir: Path,
+    tokenizer_path: Path,
+    examples: list[tuple[str, str, float]],
+    *,
+    spec: TinyModelSpec = TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                                        num_kv_heads=1),
+    steps: int = 200,
+    batch: int = 32,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """A tiny Qwen2 sequence classifier (one logit) trained on labelled
+    ``(question, judged text, label)`` examples, in the input format the reward-model
+    actor feeds it; saved with ``tokenizer_path``'s tokenizer. Returns ``out_dir``."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+    from actors.reward_model import model_input
+
+    if not examples:
+        raise ValueError("build_tiny_reward_model needs labelled examples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_positions,
+        num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForSequenceClassification(config)
+    encoded = [(tokenizer(model_input(tokenizer, q, t), add_special_tokens=False)["input_ids"][-spec.max_positions:],
+                label) for q, t, label in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+        chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+        attn = torch.zeros((batch, width), dtype=torch.long)  # [N, T]
+        for i, (seq, _) in enumerate(chosen):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attn[i, : len(seq)] = 1
+        labels = torch.tensor([label for _, label in chosen], dtype=torch.float32)  # [N]
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, 0]  # [N]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    model.eval()
+    model.config.dtype = "float32"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

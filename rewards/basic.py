@@ -36,3 +36,49 @@ def exact_answer(response: str, reference: str) -> RewardResult:
 @register("exact_answer")
 def _exact_answer_factory() -> RewardFn:
     return exact_answer
+
+
+def summary_of(response: str) -> str:
+    """The text after the last ``</think>``; empty when a ``<think>`` is left open; the
+    whole response when it has no reasoning block."""
+    end = response.rfind("</think>")
+    if end >= 0:
+        return response[end + len("</think>"):].strip()
+    return "" if "<think>" in response else response.strip()
+
+
+def summary_match(response: str, reference: str) -> RewardResult:
+    """1 when the summary (text after the last ``</think>``) equals the reference, with
+    runs of whitespace collapsed."""
+    gold = " ".join(reference.split())
+    if not gold:
+        return RewardResult(0.0, RewardStatus.UNGRADABLE, "empty reference summary")
+    summary = " ".join(summary_of(response).split())
+    if not summary:
+        return RewardResult(0.0, RewardStatus.NO_ANSWER, "no summary")
+    if summary == gold:
+        return RewardResult(1.0, RewardStatus.CORRECT, "summary matches")
+    return RewardResult(0.0, RewardStatus.WRONG, f"summary {summary[:40]!r} != {gold[:40]!r}")
+
+
+@register("summary_match")
+def _summary_match_factory() -> RewardFn:
+    return summary_match
+
+
+@register("no_phrase")
+def _no_phrase_factory(phrases: list[str] | tuple[str, ...] = ()) -> RewardFn:
+    """1 when none of ``phrases`` occurs anywhere in the response, reasoning included
+    (case-insensitive): a blocklist rule."""
+    blocked = [p.lower() for p in phrases if p.strip()]
+    if not blocked:
+        raise ValueError("no_phrase needs options.phrases: a non-empty list of phrases to block")
+
+    def reward(response: str, reference: str) -> RewardResult:
+        text = response.lower()
+        found = next((p for p in blocked if p in text), None)
+        if found is None:
+            return RewardResult(1.0, RewardStatus.CORRECT, "no blocked phrase")
+        return RewardResult(0.0, RewardStatus.WRONG, f"contains {found!r}")
+
+    return reward

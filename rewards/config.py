@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +15,35 @@ class RewardSpec(BaseModel):
     name: str
     weight: float = 1.0
     options: dict[str, Any] = Field(default_factory=dict)
+    kinds: tuple[str, ...] | None = Field(
+        default=None, description="prompt types this reward scores (None: every type)")
+
+    def applies_to(self, kind: str) -> bool:
+        return self.kinds is None or kind in self.kinds
+
+
+class RewardModelSpec(BaseModel):
+    """A learned reward (§2.3.4): a Hugging Face sequence-classification model.
+
+    ``scope`` says what it reads: ``summary`` is the text after the last ``</think>``
+    (the paper judges helpfulness on the summary only), ``response`` the whole response,
+    reasoning included (harmlessness). Its score is logit ``label`` of the model, added to
+    the reward with ``weight`` for prompts of the listed ``kinds``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="local directory of an AutoModelForSequenceClassification (or a hub id)")
+    scope: Literal["summary", "response"]
+    weight: float = 1.0
+    label: int = Field(default=0, ge=0, description="which output logit is the score")
+    kinds: tuple[str, ...] = ("general",)
+    input_format: Literal["auto", "chat", "text"] = Field(
+        default="auto", description="chat: the tokenizer's chat template; text: 'User: …\\nAssistant: …'; "
+        "auto: chat when the tokenizer has a template")
+    max_length: int = Field(default=2048, ge=8, description="tokens read; longer inputs keep their end")
+    batch_size: int = Field(default=16, ge=1)
 
 
 class RewardsConfig(BaseModel):
@@ -32,6 +61,7 @@ class RewardsConfig(BaseModel):
     # Which reward's pass/fail is reported as `accuracy` and which as `format_ok`.
     accuracy_reward: str = "exact_answer"
     format_reward: str | None = "format_r1zero"
+    reward_models: tuple[RewardModelSpec, ...] = ()
     workers: int = Field(default=2, ge=1, description="scoring processes per reward actor")
     timeout_s: float = Field(default=5.0, gt=0, description="wall-clock limit per scoring call")
 
@@ -45,7 +75,17 @@ class RewardsConfig(BaseModel):
             raise ValueError("at least one reward is needed, e.g. rewards: [{name: exact_answer}]")
         return specs
 
+    def rules_for(self, kind: str) -> list[RewardSpec]:
+        return [s for s in self.rewards if s.applies_to(kind)]
+
+    def models_for(self, kind: str) -> list[RewardModelSpec]:
+        return [m for m in self.reward_models if kind in m.kinds]
+
     def model_post_init(self, __context: Any) -> None:
+        model_names = [m.name for m in self.reward_models]
+        clash = sorted({s.name for s in self.rewards} & set(model_names))
+        if clash or len(set(model_names)) != len(model_names):
+            raise ValueError(f"reward and reward-model names must be unique, got {clash or model_names}")
         names = {s.name for s in self.rewards}
         if self.accuracy_reward not in names:
             raise ValueError(

@@ -221,8 +221,14 @@ class ScoringPool:
     def reward_names(self) -> list[str]:
         return list(self._names)
 
-    def score(self, items: Sequence[tuple[str, str]]) -> list[dict[str, RewardResult]]:
-        """Per item, reward name -> result, for ``(response, reference)`` items."""
+    def score(self, items: Sequence[tuple[str, str]],
+              names: Sequence[str] | None = None) -> list[dict[str, RewardResult]]:
+        """Per item, reward name -> result, for ``(response, reference)`` items.
+        ``names``: only these rewards (default: all of the pool's)."""
+        names = self._names if names is None else list(names)
+        unknown = sorted(set(names) - set(self._names))
+        if unknown:
+            raise ValueError(f"rewards {unknown} are not in this pool ({self._names})")
         for i, item in enumerate(items):
             if not (isinstance(item, tuple | list) and len(item) == 2):
                 raise TypeError(f"item {i} must be a (response, reference) pair, got {item!r:.80}")
@@ -232,7 +238,7 @@ class ScoringPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("ScoringPool is closed")
-            return self._score(items)
+            return self._score(items, names)
 
     def wait_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
         """Block until every worker slot holds a started worker (after a timeout, its
@@ -277,15 +283,15 @@ class ScoringPool:
 
     # --- the dispatch loop (runs in the caller's thread) ---------------------
 
-    def _score(self, items: Sequence[tuple[str, str]]) -> list[dict[str, RewardResult]]:
+    def _score(self, items: Sequence[tuple[str, str]], names: list[str]) -> list[dict[str, RewardResult]]:
         results: list[dict[str, RewardResult]] = [{} for _ in items]
-        pending = deque((i, name) for i in range(len(items)) for name in self._names)
+        pending = deque((i, name) for i in range(len(items)) for name in names)
         while pending or any(w.task is not None for w in self._workers):
             for w in list(self._workers):
                 if pending and w.ready and w.task is None:
                     self._send(w, pending.popleft(), items, pending)
             self._collect(results)
-        return [{name: r[name] for name in self._names} for r in results]
+        return [{name: r[name] for name in names} for r in results]
 
     def _send(
         self,

@@ -199,10 +199,11 @@ def rewards_for(reward: str, rewards: RewardsConfig) -> RewardsConfig:
     """The reward set that grades a benchmark: its accuracy reward (with the options
     ``rewards`` gives it, if it names it) plus ``rewards``' format reward."""
     specs = {s.name: s for s in rewards.rewards}
-    chosen = [specs.get(reward, RewardSpec(name=reward))]
+    # A benchmark is graded by its reward whatever prompt types a training config gave it.
+    chosen = [specs.get(reward, RewardSpec(name=reward)).model_copy(update={"kinds": None})]
     fmt = rewards.format_reward if rewards.format_reward != reward else None
     if fmt is not None:
-        chosen.append(specs[fmt])
+        chosen.append(specs[fmt].model_copy(update={"kinds": None}))
     return RewardsConfig(rewards=tuple(chosen), accuracy_reward=reward, format_reward=fmt,
                          workers=rewards.workers, timeout_s=rewards.timeout_s)
 

@@ -4,7 +4,8 @@ One step, as the driver sees it (``GRPOTrainer.step``):
 
     prompts  = sample B prompts
     streams  = rollout engines sample G completions per prompt, yielding groups as they finish
-    each group → reward actor → reference actor (if β > 0) → a learner rank, as it arrives
+    each group → reward actor → reward models (general prompts, §2.3.4) → reference actor
+                 (if β > 0) → a learner rank, as it arrives
     stats    = learner ranks update (DeepSpeed) on the groups they were fed
     push     = learner rank 0 broadcasts the new weights to every engine
 
@@ -38,22 +39,50 @@ log = logging.getLogger(__name__)
 
 
 class PromptSampler:
-    """Epochs over the training prompts, shuffled with the run's seed."""
+    """Epochs over the training prompts, shuffled with the run's seed.
 
-    def __init__(self, items: list[PromptItem], *, seed: int, shuffle: bool) -> None:
-        self.items, self.shuffle = items, shuffle
+    With ``kind_weights`` (prompt type -> weight), each prompt slot first draws a type by
+    weight, then the next prompt of that type from the type's own epoch, so a few general
+    prompts can be mixed with many reasoning ones in a fixed proportion (§2.3.4).
+    """
+
+    def __init__(self, items: list[PromptItem], *, seed: int, shuffle: bool,
+                 kind_weights: dict[str, float] | None = None) -> None:
+        self.shuffle = shuffle
         self.rng = random.Random(seed)
-        self.order: list[int] = []
+        if kind_weights:
+            missing = sorted(k for k, w in kind_weights.items() if w > 0 and not any(i.kind == k for i in items))
+            if missing:
+                raise ValueError(f"data.kind_weights names prompt kinds {missing} that the training data lacks")
+            self.pools = {k: [i for i in items if i.kind == k] for k, w in kind_weights.items() if w > 0}
+            self.weights = [kind_weights[k] for k in self.pools]
+        else:
+            self.pools, self.weights = {"*": list(items)}, [1.0]
+        self.orders: dict[str, list[int]] = {k: [] for k in self.pools}
 
     def next(self, n: int) -> list[PromptItem]:
         out = []
-        while len(out) < n:
-            if not self.order:
-                self.order = list(range(len(self.items)))
+        kinds = list(self.pools)
+        for _ in range(n):
+            kind = kinds[0] if len(kinds) == 1 else self.rng.choices(kinds, self.weights)[0]
+            order = self.orders[kind]
+            if not order:
+                order.extend(range(len(self.pools[kind])))
                 if self.shuffle:
-                    self.rng.shuffle(self.order)
-            out.append(self.items[self.order.pop()])
+                    self.rng.shuffle(order)
+            out.append(self.pools[kind][order.pop()])
         return out
+
+    def state(self) -> dict:
+        return {"rng": _jsonable(self.rng.getstate()), "orders": self.orders}
+
+    def set_state(self, state: dict) -> None:
+        rng = state["rng"]
+        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        if set(state["orders"]) != set(self.orders):
+            raise ValueError(f"checkpoint samples prompt kinds {sorted(state['orders'])}, "
+                             f"this config {sorted(self.orders)}")
+        self.orders = {k: list(v) for k, v in state["orders"].items()}
 
 
 def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[PromptItem]:
@@ -61,7 +90,7 @@ def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[Prom
     for i, row in enumerate(rows):
         text = render_prompt(row.prompt, template, tokenizer)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        items.append(PromptItem(i, tuple(ids), row.answer))
+        items.append(PromptItem(i, tuple(ids), row.answer, kind=row.kind, question=row.prompt))
     return items
 
 
@@ -82,9 +111,11 @@ class GRPOTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.run_dir / "config.yaml")
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
+                         kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind)
+        check_kinds(rows, cfg.rewards)
         self.sampler = PromptSampler(tokenize_prompts(rows, self.tokenizer, cfg.data.template),
-                                     seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+                                     seed=cfg.run.seed, shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
         self.actors = cluster.start_grpo_actors(cfg, cfg.model.path)
         backend = ray.get(self.actors.learners[0].collective_backend.remote())
@@ -131,6 +162,8 @@ class GRPOTrainer:
                 continue
             pending.append(stream)
             scored = a.rewards[self._fed % len(a.rewards)].score.remote(group_ref)
+            if a.reward_model is not None:
+                scored = a.reward_model.score.remote(scored)
             if a.reference is not None:
                 scored = a.reference.add_ref_logprobs.remote(scored)
             rank = self._fed % len(a.learners)
@@ -178,8 +211,7 @@ class GRPOTrainer:
         state (step, policy version, prompt order), enough to continue at ``step + 1``."""
         tag = f"step-{step}"
         ray.get([w.save_checkpoint.remote(str(self.checkpoint_dir.resolve()), tag) for w in self.actors.learners])
-        state = {"step": step, "version": self.version, "tag": tag,
-                 "sampler": {"rng": _jsonable(self.sampler.rng.getstate()), "order": self.sampler.order}}
+        state = {"step": step, "version": self.version, "tag": tag, "sampler": self.sampler.state()}
         tmp = self.checkpoint_dir / "trainer_state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.checkpoint_dir / "trainer_state.json")  # atomic: never a half-written state
@@ -199,9 +231,11 @@ class GRPOTrainer:
         self.version = int(state["version"])
         if any(v != self.version for v in versions):
             raise StageError(f"checkpoint {state['tag']} holds learner versions {versions}, expected {self.version}")
-        rng = state["sampler"]["rng"]
-        self.sampler.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
-        self.sampler.order = list(state["sampler"]["order"])
+        try:
+            self.sampler.set_state(state["sampler"])
+        except (KeyError, ValueError) as err:
+            raise StageError(f"{path}: cannot restore the prompt order ({err}); resume with the config "
+                             f"the run was started with") from None
         self.push_weights(self.version)  # engines start from the restored policy
         return int(state["step"])
 
@@ -233,6 +267,16 @@ def check_inputs(cfg: GRPOStageConfig) -> None:
         if path is not None and not Path(path).exists():
             raise StageError(f"data.{key} {path} does not exist; make one with "
                              f"`r1lab data make addition --out {Path(path).parent}`")
+
+
+def check_kinds(rows: list[TaskRow], rewards) -> None:
+    """Every prompt type in the data must be scored by some reward."""
+    from orchestrator.stages import StageError
+
+    for kind in sorted({r.kind for r in rows}):
+        if not rewards.rules_for(kind) and not rewards.models_for(kind):
+            raise StageError(f"prompts of kind {kind!r} are in the data but no reward scores them; give a "
+                             f"rule reward `kinds: [{kind}]` or a reward model (rewards.reward_models) for it")
 
 
 def progress_line(r: dict) -> str:
