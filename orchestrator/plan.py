@@ -229,6 +229,18 @@ def reference_memory(cfg, m: ModelShape) -> dict[str, int]:
     return {"weights": m.params * b, "logits": tokens * m.vocab_size * (b + 8), "context": CONTEXT_BYTES}
 
 
+def reward_model_memory(cfg) -> dict[str, int]:
+    """bf16 weights of each distinct reward model (no LM head: a classifier's head is tiny)
+    and its activations for one batch, without gradients: one layer's set at a time."""
+    weights = acts = 0
+    for path in dict.fromkeys(s.path for s in cfg.rewards.reward_models):
+        rm = model_shape(path)
+        weights += (rm.params - (0 if rm.tied_embeddings else rm.vocab_size * rm.hidden_size)) * 2
+        spec = next(s for s in cfg.rewards.reward_models if s.path == path)
+        acts = max(acts, spec.batch_size * spec.max_length * 2 * (8 * rm.hidden_size + 4 * rm.intermediate_size))
+    return {"weights": weights, "activations": acts, "context": CONTEXT_BYTES}
+
+
 def rollout_memory(cfg, m: ModelShape, gpu_memory_bytes: int, gpus: int) -> dict[str, int]:
     r = cfg.rollout
     tp = r.tensor_parallel_size
@@ -311,6 +323,9 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
         elif bundle.role == "rollout":
             mem = rollout_memory(cfg, m, gpu_memory_bytes, len(gpus))
             actors.append(Placed("rollout", f"rollout.{k}", bundle.index, node, gpus, mem))
+        elif bundle.role == "reward_model":
+            mem = reward_model_memory(cfg) if gpus else {}
+            actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
         else:
             mem = reference_memory(cfg, m) if gpus else {}
             actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))

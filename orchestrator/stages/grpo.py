@@ -74,7 +74,7 @@ class PromptSampler:
         return out
 
     def state(self) -> dict:
-        return {"rng": _jsonable(self.rng.getstate()), "orders": self.orders}
+        return {"rng": _jsonable(self.rng.getstate()), "orders": {k: list(v) for k, v in self.orders.items()}}
 
     def set_state(self, state: dict) -> None:
         rng = state["rng"]
@@ -280,7 +280,8 @@ def check_kinds(rows: list[TaskRow], rewards) -> None:
 
 
 def progress_line(r: dict) -> str:
-    return (f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  fmt {r['format_ok']:.2f}  "
+    models = "".join(f"  {k.removeprefix('reward/')} {v:.2f}" for k, v in r.items() if k.startswith("reward/"))
+    return (f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  fmt {r['format_ok']:.2f}{models}  "
             f"kl {r['kl']:.4f}  {r['step_s']:.1f}s/step")
 
 

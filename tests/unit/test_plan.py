@@ -162,3 +162,21 @@ def test_parse_cluster() -> None:
     assert parse_cluster("2x8") == (2, 8)
     with pytest.raises(ValueError, match="NODESxGPUS"):
         parse_cluster("0x8")
+
+
+def test_reward_model_gets_a_bundle_and_its_weights(tiny_model: Path) -> None:
+    """§2.3.4: the reward-model actor has its own bundle; its GPU holds the bf16 weights
+    of each distinct reward model (one copy when two specs share a path), no LM head."""
+    raw = tiny_cfg(tiny_model).model_dump(mode="json")
+    raw["rewards"]["reward_models"] = [
+        {"name": "helpfulness", "path": str(tiny_model), "scope": "summary", "batch_size": 2, "max_length": 64},
+        {"name": "harmlessness", "path": str(tiny_model), "scope": "response", "batch_size": 2, "max_length": 64}]
+    raw["cluster"]["gpus_per_reward_model"] = 1
+    cfg = GRPOStageConfig.model_validate(raw)
+    plan = make_plan(cfg, 1, 4, 80 * GiB)
+    assert plan.ok, plan.problems
+    rm = next(a for a in plan.actors if a.role == "reward_model")
+    shape = model_shape(str(tiny_model))
+    assert rm.gpus and rm.memory["weights"] == (shape.params - 1000 * 64) * 2
+    assert rm.memory["activations"] == 2 * 64 * 2 * (8 * 64 + 4 * 128)
+    assert make_plan(cfg, 1, 3, 80 * GiB).problems  # 2 learners + 1 engine + 1 reward model > 3 GPUs
