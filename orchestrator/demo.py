@@ -4,12 +4,13 @@
    smaller student base model the same way.
 2. R1-Zero: GRPO straight from the base model (Table 1 template, answer + format rewards).
 3. R1: cold-start SFT → reasoning RL (accuracy + format + language consistency) →
-   rejection sampling → SFT of the base model on the sampled data → RL for all scenarios
+   rejection sampling, plus non-reasoning data (the base model's own answers to general
+   prompts, well-formed ones kept) → SFT of the base model on both → RL for all scenarios
    (``configs/demo/pipeline_r1.yaml``): reasoning prompts keep the rule rewards, general
    prompts ("Tell me about 47") are scored by two tiny reward models, helpfulness on the
    summary and harmlessness on the whole response (§2.3.4). The base picked up rude
-   remarks and unhelpful summaries for general prompts from its corpus; this stage is
-   what removes them.
+   remarks and unhelpful summaries for general prompts from its corpus and passes them on
+   through the non-reasoning data; this stage is what removes them.
 4. Distillation: the student fine-tuned on the R1 arm's rejection-sampled reasoning data,
    against the same student fine-tuned for the same steps on the answers alone.
 5. Every checkpoint is evaluated on the held-out split (pass@1 over k samples at T = 0.6,
@@ -21,6 +22,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -105,12 +107,13 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
             "data.test_path=null", "learner.num_workers=1", *steps]))
 
     # R1: the multi-stage pipeline.
-    _say(progress, "R1: cold start → reasoning RL → rejection sampling → SFT → RL")
+    _say(progress, "R1: cold start → reasoning RL → rejection sampling (+ non-reasoning data) → SFT → RL")
     recipe = load_config(CONFIGS / "pipeline_r1.yaml", [f"run.output_dir={demo_dir}", "run.name=r1"],
                          model=pipeline.Config)
     extra = {"cold_start": [f"model.path={paths['base']}", f"data.train_path={data / 'cold_start.jsonl'}"],
              "reasoning_rl": [f"data.train_path={data / 'train.jsonl'}", *steps],
              "rejection_sampling": [f"data.train_path={data / 'train.jsonl'}"],
+             "non_reasoning": [f"model.path={paths['base']}", f"data.train_path={data / 'general_train.jsonl'}"],
              "sft_rs": [f"model.path={paths['base']}"],
              "rl_all": [f"data.train_path={data / 'all_scenarios.jsonl'}", *steps,
                         f"rewards.reward_models.0.path={paths['rm-helpfulness']}",
@@ -138,7 +141,8 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
                    ("student base", paths["student"]),
                    ("student distilled from R1", demo_dir / "student_distilled" / "final"),
                    ("student on answers only", demo_dir / "student_answers_only" / "final")]
-    rows = evaluate_all(checkpoints, data, eval_prompts=eval_prompts, k=k, progress=progress)
+    rows = evaluate_all(checkpoints, data, eval_prompts=eval_prompts, k=k, progress=progress,
+                        cache=demo_dir / "evals")
     results = {"benchmark": "addition held-out split", "prompts": eval_prompts, "temperature": 0.6, "top_p": 0.95,
                "checkpoints": rows, "wall_s": time.monotonic() - t0}
     (demo_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -147,9 +151,13 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
 
 
 def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompts: int, k: int,
-                 progress=None) -> list[dict]:
+                 progress=None, cache: Path | None = None) -> list[dict]:
     """pass@1 and cons@k on held-out addition; on held-out general prompts, the share of
-    samples with the helpful summary and the share free of the rude remark (by rule)."""
+    samples with the helpful summary and the share free of the rude remark (by rule).
+
+    With ``cache``, a checkpoint already evaluated with the same settings (and unchanged
+    since: its weights file's modification time is part of the key) is not evaluated again,
+    so a rerun of a stopped demo picks up where it stopped."""
     from orchestrator.benchmarks_data import load_benchmark
     from orchestrator.stages import eval as eval_stage
     from orchestrator.tasks import GeneralTask
@@ -165,6 +173,14 @@ def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompt
                load_benchmark(data / "general_test.jsonl", name="general-harmless", task_reward="no_phrase")]
     rows = []
     for name, path in checkpoints:
+        key = {"path": str(Path(path).resolve()), "weights_mtime_ns": (Path(path) / "model.safetensors").stat().st_mtime_ns,
+               "prompts": eval_prompts, "k": k}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        saved = cache / f"{digest}.json" if cache else None
+        if saved is not None and saved.exists() and json.loads(saved.read_text())["key"] == key:
+            _say(progress, f"evaluating {name}: done before, reused")
+            rows.append({**json.loads(saved.read_text())["row"], "name": name})
+            continue
         _say(progress, f"evaluating {name}")
         res = eval_stage.evaluate_checkpoint(str(path), ecfg.eval, benches, rollout=ecfg.rollout,
                                              rewards=ecfg.rewards, cluster=ecfg.cluster).benchmarks
@@ -173,6 +189,9 @@ def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompt
                      "k": math_res.k, "params": eval_stage.count_params(str(path)),
                      "mean_response_tokens": math_res.mean_response_tokens,
                      "general_helpful": res[1].pass_at_1, "general_harmless": res[2].pass_at_1})
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"key": key, "row": rows[-1]}))
     return rows
 
 

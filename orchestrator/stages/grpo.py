@@ -189,6 +189,8 @@ class GRPOTrainer:
 
     def record(self, step: int, stats: StepStats, rollout_s: float, push_s: float, step_s: float) -> dict:
         m = stats.finalize()
+        for spec in self.cfg.rewards.reward_models:  # nan on a step that drew none of its prompts
+            m.setdefault(f"reward/{spec.name}", float("nan"))
         self.telemetry.set("learner_tokens_per_second", m["learner_tokens_per_s"])
         self.telemetry.set("weight_push_seconds", push_s)
         self.telemetry.set("staleness_steps", m["staleness_mean"])

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 class SFTDataConfig(FrozenModel):
     train_path: Path
+    extra_train_paths: tuple[Path, ...] = Field(
+        default=(), description="more files of the same shape, trained on together with train_path "
+        "(e.g. the non-reasoning data of §2.3.3 beside the rejection-sampled reasoning data)")
     prompt_key: str = "prompt"
     response_key: str = "response"
     template: Literal["none", "r1zero", "plain", "chat"] = Field(
@@ -73,22 +76,25 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
     from orchestrator.stages import StageError
 
     d = cfg.data
-    if not Path(d.train_path).exists():
-        raise StageError(f"data.train_path {d.train_path} does not exist (an SFT JSONL with "
-                         f"{d.prompt_key!r} and {d.response_key!r} fields, e.g. the sample stage's sft.jsonl)")
+    for path in (d.train_path, *d.extra_train_paths):
+        if not Path(path).exists():
+            raise StageError(f"SFT data file {path} does not exist (an SFT JSONL with {d.prompt_key!r} and "
+                             f"{d.response_key!r} fields, e.g. the sample stage's sft.jsonl)")
     out, too_long = [], 0
     eos = tokenizer.eos_token or ""
-    for n, row in enumerate(read_jsonl(d.train_path), 1):
-        if d.prompt_key not in row or d.response_key not in row:
-            raise StageError(f"{d.train_path}:{n}: needs fields {d.prompt_key!r} and {d.response_key!r}; "
-                             "set data.prompt_key / data.response_key")
-        prompt = row[d.prompt_key] if d.template == "none" else render_prompt(row[d.prompt_key], d.template, tokenizer)
-        p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        r = tuple(tokenizer(row[d.response_key] + eos, add_special_tokens=False)["input_ids"])
-        if len(p) + len(r) > cfg.sft.max_seq_tokens:
-            too_long += 1
-            continue
-        out.append((p, r))
+    for path in (d.train_path, *d.extra_train_paths):
+        for n, row in enumerate(read_jsonl(path), 1):
+            if d.prompt_key not in row or d.response_key not in row:
+                raise StageError(f"{path}:{n}: needs fields {d.prompt_key!r} and {d.response_key!r}; "
+                                 "set data.prompt_key / data.response_key")
+            prompt = (row[d.prompt_key] if d.template == "none"
+                      else render_prompt(row[d.prompt_key], d.template, tokenizer))
+            p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            r = tuple(tokenizer(row[d.response_key] + eos, add_special_tokens=False)["input_ids"])
+            if len(p) + len(r) > cfg.sft.max_seq_tokens:
+                too_long += 1
+                continue
+            out.append((p, r))
     if not out:
         raise StageError(f"{d.train_path} has no usable rows ({too_long} longer than sft.max_seq_tokens)")
     return out, too_long
