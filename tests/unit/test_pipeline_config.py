@@ -16,11 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_r1_recipe_steps_chain_outputs():
     cfg = load_config(ROOT / "configs/demo/pipeline_r1.yaml", ["run.output_dir=/x"], model=pipeline.Config)
     names = [s.name for s in cfg.pipeline.steps]
-    assert names == ["cold_start", "reasoning_rl", "rejection_sampling", "sft_rs", "rl_all"]
+    assert names == ["cold_start", "reasoning_rl", "rejection_sampling", "non_reasoning", "sft_rs", "rl_all"]
     configs = {s.name: pipeline.step_config(cfg, s)[1] for s in cfg.pipeline.steps}
     assert configs["reasoning_rl"].model.path == "/x/demo-r1/cold_start/final"
     assert configs["rl_all"].model.path == "/x/demo-r1/sft_rs/final"
     assert str(configs["sft_rs"].data.train_path) == "/x/demo-r1/rejection_sampling/sft.jsonl"
+    assert [str(p) for p in configs["sft_rs"].data.extra_train_paths] == ["/x/demo-r1/non_reasoning/sft.jsonl"]
+    assert configs["non_reasoning"].rewards.accuracy_reward == "format_r1"
+    assert [m.scope for m in configs["rl_all"].rewards.reward_models] == ["summary", "response"]
     assert configs["rejection_sampling"].rewards.accuracy_reward == "math_accuracy"
     assert all(c.run.name == n and str(c.run.output_dir) == "/x/demo-r1" for n, c in configs.items())
 

@@ -155,3 +155,26 @@ def test_sft_micro_batch_and_rank_splits_give_the_full_batch_gradient(mode):
         for m in metrics[1:]:
             summed = summed + m
         torch.testing.assert_close(summed.to_tensor(), full_metrics.to_tensor(), rtol=0, atol=1e-9)
+
+
+def test_sft_reads_extra_data_files_and_names_a_missing_one(tiny_model, tmp_path):
+    """§2.3.3: the SFT set is reasoning samples plus non-reasoning data, from two files."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from orchestrator.stages import StageError
+    from orchestrator.stages.sft import Config, load_examples
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"prompt": "What is 1+2", "response": " 3"}) + "\n")
+    b.write_text("".join(json.dumps({"prompt": f"Tell me about {n}", "response": " odd"}) + "\n" for n in (11, 13)))
+    cfg = Config.model_validate({"model": {"path": str(tiny_model)},
+                                 "data": {"train_path": str(a), "extra_train_paths": [str(b)]}})
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples, too_long = load_examples(cfg, tok)
+    assert len(examples) == 3 and too_long == 0
+    assert tok.decode(examples[2][0]) == "Tell me about 13"
+    missing = cfg.model_copy(update={"data": cfg.data.model_copy(update={"extra_train_paths": (tmp_path / "no.jsonl",)})})
+    with pytest.raises(StageError, match="no.jsonl does not exist"):
+        load_examples(missing, tok)
