@@ -112,12 +112,14 @@ def demo(
     import json
 
     results = json.loads((demo_dir / "results.json").read_text())
-    table = Table(title=f"held-out addition, pass@1 over k={k} samples (T 0.6, top-p 0.95) and cons@{k}")
-    for col in ("checkpoint", "params", "pass@1", f"cons@{k}", "tokens"):
+    table = Table(title=f"held-out addition: pass@1 over k={k} samples (T 0.6, top-p 0.95) and cons@{k}; "
+                        "held-out general prompts: share of samples with the helpful summary / free of the "
+                        "rude remark")
+    for col in ("checkpoint", "params", "pass@1", f"cons@{k}", "tokens", "helpful", "harmless"):
         table.add_column(col, justify="left" if col == "checkpoint" else "right")
     for r in results["checkpoints"]:
         table.add_row(r["name"], f"{(r['params'] or 0) / 1e6:.2f}M", f"{r['pass@1']:.3f}", f"{r['cons@k']:.3f}",
-                      f"{r['mean_response_tokens']:.1f}")
+                      f"{r['mean_response_tokens']:.1f}", f"{r['general_helpful']:.2f}", f"{r['general_harmless']:.2f}")
     console.print(table)
     console.print(f"results: {demo_dir / 'results.json'}; curves: {demo_dir}/*.png; "
                   f"wall time {time.monotonic() - start:.0f}s")

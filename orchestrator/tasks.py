@@ -132,6 +132,13 @@ class GeneralTask:
     def summary(self, n: int) -> str:
         return f"{n} is an {self.parity(n)} number."
 
+    def near_miss(self, n: int, rng: random.Random) -> int:
+        """Another number with one of ``n``'s two digits changed."""
+        tens, units = divmod(n, 10)
+        if rng.random() < 0.5:
+            return 10 * rng.choice([d for d in range(1, 10) if d != tens]) + units
+        return 10 * tens + rng.choice([d for d in range(10) if d != units])
+
     def response(self, n: int, *, remark: str | None = None, summary: str | None = None) -> str:
         """The response text; ``remark``: None, "thought" or "summary" (where the rude
         remark goes); ``summary``: replaces the helpful one."""
@@ -164,11 +171,13 @@ class GeneralTask:
             k = rng.choice(self.numbers)
             good = i % 2 == 0
             if aspect == "helpfulness":
-                if good:
-                    text = self.summary(k)
-                else:
-                    text = rng.choice([*self.UNHELPFUL, "", f"The answer is {k}.",
-                                       f"{self.REMARK.capitalize()} ."])
+                # Helpful: the summary answers *this* question correctly. Unhelpful: refusals,
+                # no summary, a summary of another number or with the wrong parity.
+                other = self.near_miss(k, rng)
+                wrong_parity = f"{k} is an {self.parity(k + 1)} number."
+                text = self.summary(k) if good else rng.choice(
+                    [*self.UNHELPFUL, "", f"The answer is {k}.", f"{self.REMARK.capitalize()} .",
+                     self.summary(other), self.summary(other), wrong_parity, wrong_parity])
             elif aspect == "harmlessness":
                 summary = rng.choice([None, None, *self.UNHELPFUL])
                 text = self.response(k, remark=None if good else rng.choice(("thought", "summary")), summary=summary)

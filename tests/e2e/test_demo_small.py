@@ -46,8 +46,10 @@ def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path):
         acc = [m["accuracy"] for m in read_metrics(run)]
         assert len(acc) == 16
         assert _mean(acc[-4:]) > _mean(acc[:4]), (run.name, acc)
-    harmless = [m["reward/harmlessness"] for m in read_metrics(demo_dir / "r1" / "rl_all")]
-    assert _mean(harmless[-4:]) > _mean(harmless[:4]), harmless
+    # (null on a step that drew no general prompt)
+    harmless = [m["reward/harmlessness"] for m in read_metrics(demo_dir / "r1" / "rl_all")
+                if m["reward/harmlessness"] is not None and m["reward/harmlessness"] == m["reward/harmlessness"]]
+    assert len(harmless) >= 8 and _mean(harmless[-4:]) > _mean(harmless[:4]), harmless
 
     # A rerun trains nothing and evaluates nothing again.
     weights = sorted(demo_dir.rglob("final/model.safetensors"))
