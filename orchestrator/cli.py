@@ -99,6 +99,8 @@ def demo(
     rl_steps: Annotated[Optional[int], typer.Option(help="GRPO steps per RL stage (default: the configs')")] = None,
     eval_prompts: Annotated[int, typer.Option(help="held-out prompts per evaluation")] = 64,
     k: Annotated[int, typer.Option(help="samples per prompt for pass@1 and cons@k")] = 8,
+    pretrain_steps: Annotated[int, typer.Option(help="offline pretraining steps of the two base models")] = 600,
+    sample_prompts: Annotated[int, typer.Option(help="training prompts the rejection-sampling step samples")] = 1024,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """The R1 recipe on a synthetic task on this machine's CPUs: R1-Zero, the R1 pipeline,
@@ -108,7 +110,8 @@ def demo(
     _logging(verbose)
     start = time.monotonic()
     stamp = lambda text: console.print(f"[dim]{time.monotonic() - start:6.0f}s[/] {text}")  # noqa: E731
-    demo_dir = run_demo(out, rl_steps=rl_steps, eval_prompts=eval_prompts, k=k, progress=stamp)
+    demo_dir = run_demo(out, rl_steps=rl_steps, eval_prompts=eval_prompts, k=k, pretrain_steps=pretrain_steps,
+                        sample_prompts=sample_prompts, progress=stamp)
     import json
 
     results = json.loads((demo_dir / "results.json").read_text())

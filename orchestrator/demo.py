@@ -86,7 +86,8 @@ def answers_only(sft_jsonl: Path, out: Path) -> Path:
 
 
 def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prompts: int = 64, k: int = 8,
-             pretrain_steps: int = 600, progress: Callable[[str], None] | None = None) -> Path:
+             pretrain_steps: int = 600, sample_prompts: int = 1024,
+             progress: Callable[[str], None] | None = None) -> Path:
     from orchestrator import cluster
     from orchestrator.stages import grpo, pipeline, sft
 
@@ -112,7 +113,7 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
                          model=pipeline.Config)
     extra = {"cold_start": [f"model.path={paths['base']}", f"data.train_path={data / 'cold_start.jsonl'}"],
              "reasoning_rl": [f"data.train_path={data / 'train.jsonl'}", *steps],
-             "rejection_sampling": [f"data.train_path={data / 'train.jsonl'}"],
+             "rejection_sampling": [f"data.train_path={data / 'train.jsonl'}", f"sample.limit_prompts={sample_prompts}"],
              "non_reasoning": [f"model.path={paths['base']}", f"data.train_path={data / 'general_train.jsonl'}"],
              "sft_rs": [f"model.path={paths['base']}"],
              "rl_all": [f"data.train_path={data / 'all_scenarios.jsonl'}", *steps,

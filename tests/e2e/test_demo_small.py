@@ -27,7 +27,7 @@ def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path):
     # The session's base model is the demo's (same builder, same seed): reuse it.
     shutil.copytree(tiny_base_model, out / "models" / "tiny-addition")
     said: list[str] = []
-    settings = dict(rl_steps=16, eval_prompts=16, k=4, pretrain_steps=200, progress=said.append)
+    settings = dict(rl_steps=16, eval_prompts=16, k=4, pretrain_steps=200, sample_prompts=256, progress=said.append)
     demo_dir = run_demo(out, **settings)
 
     results = json.loads((demo_dir / "results.json").read_text())
