@@ -77,7 +77,7 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     raise RuntimeError("started a local Ray head but its dashboard (Jobs API) did not answer on 8265")
 
 
-def submit_job(c, *, retry_s: float = 120.0, **kwargs) -> str:
+def submit_job(c, *, retry_s: float = 300.0, **kwargs) -> str:
     """``JobSubmissionClient.submit_job``, retried while a freshly started head has no job
     agent yet ("No available agent to submit job")."""
     deadline = time.monotonic() + retry_s
