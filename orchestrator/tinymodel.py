@@ -157,6 +157,25 @@ def build_tiny_model(
     return out_dir
 
 
+def _optimize(model, loss_of_batch: Callable[[], torch.Tensor], *, steps: int, lr: float,
+              progress: Callable[[int, int, float], None] | None) -> None:
+    """``steps`` AdamW steps on ``loss_of_batch()`` (a fresh batch each call), cosine-decayed
+    learning rate, gradients clipped to norm 1; leaves the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = loss_of_batch()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    model.eval()
+
+
 def _pretrain(model, tokenizer, corpus, *, steps, batch, lr, rng, progress) -> None:
     """Next-token loss on the response (the prompt is the fixed template), AdamW, cosine."""
     # Tokenise once: prompt ids and response ids (+ EOS) per example.
@@ -165,12 +184,9 @@ def _pretrain(model, tokenizer, corpus, *, steps, batch, lr, rng, progress) -> N
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(response + EOS, add_special_tokens=False)["input_ids"]
         encoded.append((p, r))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
     start = time.monotonic()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def loss_of_batch():
         chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
         width = max(len(p) + len(r) for p, r in chosen)
         ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
@@ -181,14 +197,9 @@ def _pretrain(model, tokenizer, corpus, *, steps, batch, lr, rng, progress) -> N
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, len(p) : len(seq)] = torch.tensor(r)
             attn[i, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress is not None:
-            progress(step + 1, steps, float(loss.detach()))
-    model.eval()
+        return model(input_ids=ids, attention_mask=attn, labels=labels).loss
+
+    _optimize(model, loss_of_batch, steps=steps, lr=lr, progress=progress)
     log.info("pretrained %d steps in %.1fs", steps, time.monotonic() - start)
 
 
@@ -228,11 +239,7 @@ def build_tiny_reward_model(
     model = Qwen2ForSequenceClassification(config)
     encoded = [(tokenizer(model_input(tokenizer, q, t), add_special_tokens=False)["input_ids"][-spec.max_positions:],
                 label) for q, t, label in examples]
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+    def loss_of_batch():
         chosen = [encoded[rng.randrange(len(encoded))] for _ in range(batch)]
         width = max(len(ids) for ids, _ in chosen)
         ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
@@ -242,14 +249,9 @@ def build_tiny_reward_model(
             attn[i, : len(seq)] = 1
         labels = torch.tensor([label for _, label in chosen], dtype=torch.float32)  # [N]
         logits = model(input_ids=ids, attention_mask=attn).logits[:, 0]  # [N]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress is not None:
-            progress(step + 1, steps, float(loss.detach()))
-    model.eval()
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+    _optimize(model, loss_of_batch, steps=steps, lr=learning_rate, progress=progress)
     model.config.dtype = "float32"
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

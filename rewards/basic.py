@@ -20,17 +20,20 @@ def extract_answer_tag(response: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def _same_text(found: str | None, gold: str, *, what: str, missing: str) -> RewardResult:
+    """CORRECT when ``found`` equals ``gold``; ``found`` None: NO_ANSWER (``missing``)."""
+    if found is None:
+        return RewardResult(0.0, RewardStatus.NO_ANSWER, missing)
+    if not gold:
+        return RewardResult(0.0, RewardStatus.UNGRADABLE, f"empty reference {what}")
+    if found == gold:
+        return RewardResult(1.0, RewardStatus.CORRECT, f"{what} matches")
+    return RewardResult(0.0, RewardStatus.WRONG, f"{what} {found[:40]!r} != {gold[:40]!r}")
+
+
 def exact_answer(response: str, reference: str) -> RewardResult:
     """1 when the last ``<answer>`` equals the reference after stripping whitespace."""
-    answer = extract_answer_tag(response)
-    if answer is None:
-        return RewardResult(0.0, RewardStatus.NO_ANSWER, "no <answer> block")
-    gold = reference.strip()
-    if not gold:
-        return RewardResult(0.0, RewardStatus.UNGRADABLE, "empty reference answer")
-    if answer == gold:
-        return RewardResult(1.0, RewardStatus.CORRECT, "answer matches")
-    return RewardResult(0.0, RewardStatus.WRONG, f"answer {answer[:40]!r} != {gold[:40]!r}")
+    return _same_text(extract_answer_tag(response), reference.strip(), what="answer", missing="no <answer> block")
 
 
 @register("exact_answer")
@@ -50,15 +53,8 @@ def summary_of(response: str) -> str:
 def summary_match(response: str, reference: str) -> RewardResult:
     """1 when the summary (text after the last ``</think>``) equals the reference, with
     runs of whitespace collapsed."""
-    gold = " ".join(reference.split())
-    if not gold:
-        return RewardResult(0.0, RewardStatus.UNGRADABLE, "empty reference summary")
     summary = " ".join(summary_of(response).split())
-    if not summary:
-        return RewardResult(0.0, RewardStatus.NO_ANSWER, "no summary")
-    if summary == gold:
-        return RewardResult(1.0, RewardStatus.CORRECT, "summary matches")
-    return RewardResult(0.0, RewardStatus.WRONG, f"summary {summary[:40]!r} != {gold[:40]!r}")
+    return _same_text(summary or None, " ".join(reference.split()), what="summary", missing="no summary")
 
 
 @register("summary_match")
