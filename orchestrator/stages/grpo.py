@@ -106,16 +106,24 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOStageConfig) -> None:
         from transformers import AutoTokenizer
 
+        from orchestrator.stages import StageError
+
         self.cfg = cfg
         self.run_dir = cfg.run.dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.run_dir / "config.yaml")
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                         kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind)
+        try:
+            rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
+                             kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind)
+        except ValueError as err:
+            raise StageError(str(err)) from None
         check_kinds(rows, cfg.rewards)
-        self.sampler = PromptSampler(tokenize_prompts(rows, self.tokenizer, cfg.data.template),
-                                     seed=cfg.run.seed, shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
+        try:
+            self.sampler = PromptSampler(tokenize_prompts(rows, self.tokenizer, cfg.data.template), seed=cfg.run.seed,
+                                         shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
+        except ValueError as err:
+            raise StageError(f"{cfg.data.train_path}: {err}") from None
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
         self.actors = cluster.start_grpo_actors(cfg, cfg.model.path)
         backend = ray.get(self.actors.learners[0].collective_backend.remote())
