@@ -19,7 +19,19 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path):
+@pytest.fixture()
+def own_ray():
+    """The demo starts an embedded Ray cluster in this process; stop it afterwards so later
+    tests neither share it nor compete with its idle workers."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
     from orchestrator.demo import run_demo
     from orchestrator.metrics import read_metrics
 
