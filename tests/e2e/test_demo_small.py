@@ -21,14 +21,14 @@ def _mean(xs):
 
 @pytest.fixture()
 def own_ray():
-    """The demo starts an embedded Ray cluster in this process; stop it afterwards so later
-    tests neither share it nor compete with its idle workers."""
+    """The demo starts an embedded Ray cluster in this process (unless one is up already);
+    stop it afterwards so later tests do not compete with its idle workers."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    started_here = not ray.is_initialized()
     yield
-    ray.shutdown()
+    if started_here:
+        ray.shutdown()
 
 
 def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
