@@ -39,6 +39,10 @@ def _wait(predicate, timeout: float, what: str, interval: float = 2.0):
 
 
 DASHBOARD_PORT, METRICS_PORT, GCS_PORT = 8277, 8099, 6391  # worker ports are 10002-19999
+# The job agent's ports too: on the defaults it cannot start beside another Ray cluster on
+# this machine (an embedded one of an earlier test), and every submission then fails with
+# "No available agent to submit job".
+AGENT_HTTP_PORT, AGENT_GRPC_PORT, RUNTIME_ENV_AGENT_PORT = 52391, 52392, 52393
 
 
 @pytest.fixture()
@@ -52,6 +56,8 @@ def head(tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(GCS_PORT), "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(DASHBOARD_PORT), "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "4",
+         "--dashboard-agent-listen-port", str(AGENT_HTTP_PORT), "--dashboard-agent-grpc-port", str(AGENT_GRPC_PORT),
+         "--runtime-env-agent-port", str(RUNTIME_ENV_AGENT_PORT),
          "--temp-dir", short, "--disable-usage-stats"],
         env=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {**base, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}
