@@ -97,6 +97,13 @@ class LoggingConfig(_Frozen):
     progress: bool = True
 
 
+def check_room_for_prompt(max_new_tokens: int, rollout: RolloutConfig, what: str = "rollout.max_new_tokens") -> None:
+    """A sequence is prompt + response: the response limit must leave room for a prompt."""
+    if max_new_tokens >= rollout.max_model_len:
+        raise ValueError(f"{what} ({max_new_tokens}) must be below rollout.max_model_len "
+                         f"({rollout.max_model_len}) to leave room for the prompt")
+
+
 class GRPOStageConfig(_Frozen):
     """Everything the ``grpo`` stage needs."""
 
@@ -123,11 +130,7 @@ class GRPOStageConfig(_Frozen):
             raise ValueError(
                 f"groups per rank ({b // l}) must be a multiple of learner.micro_batch_groups ({m})"
             )
-        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
-            raise ValueError(
-                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below "
-                f"rollout.max_model_len ({self.rollout.max_model_len}) to leave room for the prompt"
-            )
+        check_room_for_prompt(self.rollout.max_new_tokens, self.rollout)
         return self
 
     @property

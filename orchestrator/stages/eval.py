@@ -42,7 +42,7 @@ from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
 from orchestrator import placement
 from orchestrator.benchmarks_data import FORMATS, Benchmark, load_benchmark
-from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
 from orchestrator.eval_math import consensus_correct, mean, mean_pass_at_k
 from orchestrator.templates import render_prompt
 from rewards.config import RewardsConfig, RewardSpec
@@ -118,10 +118,7 @@ class EvalStageConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _fits(self) -> EvalStageConfig:
-        new = self.eval.max_new_tokens or self.rollout.max_new_tokens
-        if new >= self.rollout.max_model_len:
-            raise ValueError(f"max_new_tokens ({new}) must be below rollout.max_model_len "
-                             f"({self.rollout.max_model_len}) to leave room for the prompt")
+        check_room_for_prompt(self.eval.max_new_tokens or self.rollout.max_new_tokens, self.rollout, "max_new_tokens")
         return self
 
 

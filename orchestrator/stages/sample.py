@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from actors.config import RolloutConfig
 from orchestrator.benchmarks_data import Benchmark, BenchmarkRow, load_benchmark
-from orchestrator.config import FrozenModel, ClusterConfig, DataConfig, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator.config import FrozenModel, ClusterConfig, DataConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
 from orchestrator.filters import REASONS, ReadabilityRules, select
 from orchestrator.stages.eval import (
     Progress,
@@ -82,10 +82,8 @@ class SampleStageConfig(FrozenModel):
     @model_validator(mode="after")
     def _consistent(self) -> SampleStageConfig:
         self.sample.rules  # noqa: B018 - raises on an unknown language
-        new = self.sample.max_new_tokens or self.rollout.max_new_tokens
-        if new >= self.rollout.max_model_len:
-            raise ValueError(f"max_new_tokens ({new}) must be below rollout.max_model_len "
-                             f"({self.rollout.max_model_len}) to leave room for the prompt")
+        check_room_for_prompt(self.sample.max_new_tokens or self.rollout.max_new_tokens, self.rollout,
+                              "max_new_tokens")
         return self
 
 
