@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from rewards.basic import summary_of
 from rewards.registry import RewardFn, register
 from rewards.types import RewardResult, RewardStatus
 
@@ -194,13 +195,9 @@ def extract_answer(response: str, *, strict: bool = True) -> Answer | None:
             inner = response[open_ + len("<answer>") : close].strip()
             boxed = _boxed_run(inner, _boxes(inner))
             return Answer(boxed[1] if boxed is not None else inner, "answer_tag") if inner else None
-    think_end = response.rfind("</think>")
-    if think_end >= 0:
-        region = response[think_end + len("</think>") :]
-    elif "<think>" in response:
-        return None
-    else:
-        region = response
+    if "<think>" in response and "</think>" not in response:
+        return None  # the reasoning never closed: no summary, no answer
+    region = summary_of(response)
     spans = _boxes(region)
     if spans is None:
         return None  # cut off inside its final box
