@@ -85,7 +85,7 @@ class RewardModelActor:
         with torch.no_grad():
             for i in range(0, len(texts), spec.batch_size):
                 enc = tokenizer(texts[i:i + spec.batch_size], return_tensors="pt", padding=True,
-                                truncation=True, max_length=spec.max_length).to(self.device)
+                                truncation=True, max_length=spec.max_input_tokens).to(self.device)
                 logits = model(**enc).logits.float()
                 scores.extend(logits[:, spec.label].tolist())
         return scores

@@ -178,9 +178,10 @@ def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompt
                "prompts": eval_prompts, "k": k}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         saved = cache / f"{digest}.json" if cache else None
-        if saved is not None and saved.exists() and json.loads(saved.read_text())["key"] == key:
+        previous = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
+        if previous is not None and previous["key"] == key:
             _say(progress, f"evaluating {name}: done before, reused")
-            rows.append({**json.loads(saved.read_text())["row"], "name": name})
+            rows.append({**previous["row"], "name": name})
             continue
         _say(progress, f"evaluating {name}")
         res = eval_stage.evaluate_checkpoint(str(path), ecfg.eval, benches, rollout=ecfg.rollout,

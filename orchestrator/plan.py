@@ -237,7 +237,7 @@ def reward_model_memory(cfg) -> dict[str, int]:
         rm = model_shape(path)
         weights += (rm.params - (0 if rm.tied_embeddings else rm.vocab_size * rm.hidden_size)) * 2
         spec = next(s for s in cfg.rewards.reward_models if s.path == path)
-        acts = max(acts, spec.batch_size * spec.max_length * 2 * (8 * rm.hidden_size + 4 * rm.intermediate_size))
+        acts = max(acts, spec.batch_size * spec.max_input_tokens * 2 * (8 * rm.hidden_size + 4 * rm.intermediate_size))
     return {"weights": weights, "activations": acts, "context": CONTEXT_BYTES}
 
 

@@ -42,8 +42,8 @@ class RewardModelSpec(BaseModel):
     input_format: Literal["auto", "chat", "text"] = Field(
         default="auto", description="chat: the tokenizer's chat template; text: 'User: …\\nAssistant: …'; "
         "auto: chat when the tokenizer has a template")
-    max_length: int = Field(default=2048, ge=8, description="tokens read; longer inputs keep their end")
-    batch_size: int = Field(default=16, ge=1)
+    max_input_tokens: int = Field(default=2048, ge=8, description="tokens read; longer inputs keep their end")
+    batch_size: int = Field(default=16, ge=1, description="inputs (question + judged text) per forward pass")
 
 
 class RewardsConfig(BaseModel):

@@ -169,8 +169,8 @@ def test_reward_model_gets_a_bundle_and_its_weights(tiny_model: Path) -> None:
     of each distinct reward model (one copy when two specs share a path), no LM head."""
     raw = tiny_cfg(tiny_model).model_dump(mode="json")
     raw["rewards"]["reward_models"] = [
-        {"name": "helpfulness", "path": str(tiny_model), "scope": "summary", "batch_size": 2, "max_length": 64},
-        {"name": "harmlessness", "path": str(tiny_model), "scope": "response", "batch_size": 2, "max_length": 64}]
+        {"name": "helpfulness", "path": str(tiny_model), "scope": "summary", "batch_size": 2, "max_input_tokens": 64},
+        {"name": "harmlessness", "path": str(tiny_model), "scope": "response", "batch_size": 2, "max_input_tokens": 64}]
     raw["cluster"]["gpus_per_reward_model"] = 1
     cfg = GRPOStageConfig.model_validate(raw)
     plan = make_plan(cfg, 1, 4, 80 * GiB)
