@@ -8,7 +8,7 @@ import time
 from actors.telemetry import Telemetry
 from learner.batch import Group, ScoredGroup
 from rewards.config import RewardsConfig
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 from rewards.registry import combine
 from rewards.types import RewardStatus
 
@@ -16,7 +16,7 @@ from rewards.types import RewardStatus
 class RewardActor:
     """Applies the configured rewards to each completion of a group.
 
-    Scoring runs in worker processes with a wall-clock limit per call (``rewards.pool``),
+    Scoring runs in worker processes with a wall-clock limit per call (``rewards.isolation.pool``),
     so a verifier that hangs costs one timeout, counted, not a stuck step.
     """
 

@@ -17,14 +17,7 @@ from actors.telemetry import Telemetry
 from learner.batch import ScoredGroup
 from rewards.basic import summary_of
 from rewards.config import RewardModelSpec
-
-
-def model_input(tokenizer, question: str, segment: str, input_format: str = "auto") -> str:
-    """What a reward model reads: the user's question and the judged part of the answer."""
-    if input_format == "chat" or (input_format == "auto" and getattr(tokenizer, "chat_template", None)):
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": segment}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return f"User: {question}\nAssistant: {segment}"
+from rewards.model_input import model_input
 
 
 class RewardModelActor:

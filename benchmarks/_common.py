@@ -19,7 +19,7 @@ def local_ray(num_cpus: int = 4):
 
 
 def tiny_model(hidden_size: int = 128, num_layers: int = 2, out: Path | None = None) -> Path:
-    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model
+    from tasks.tinymodel import TinyModelSpec, build_tiny_model
 
     out = out or Path(tempfile.mkdtemp(prefix="r1lab-bench-"))
     spec = TinyModelSpec(hidden_size=hidden_size, intermediate_size=3 * hidden_size, num_layers=num_layers,

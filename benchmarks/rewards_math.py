@@ -27,7 +27,7 @@ from pathlib import Path
 from math_verify import parse, verify
 
 from rewards.config import RewardSpec
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 from rewards.types import RewardStatus
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rewards.sandbox import Limits, RunStatus, Sandbox, SandboxConfig, Tier  # noqa: E402
+from rewards.isolation.sandbox import Limits, RunStatus, Sandbox, SandboxConfig, Tier  # noqa: E402
 
 PROGRAM = "print(input())\n"
 

@@ -105,7 +105,7 @@ def demo(
 ) -> None:
     """The R1 recipe on a synthetic task on this machine's CPUs: R1-Zero, the R1 pipeline,
     distillation, and an evaluation table of every checkpoint."""
-    from orchestrator.demo import run_demo
+    from orchestrator.tools.demo import run_demo
 
     _logging(verbose)
     start = time.monotonic()
@@ -140,7 +140,7 @@ def init_model(
     seed: int = 0,
 ) -> None:
     """Build a tiny Qwen2 model and tokenizer offline (HF format, safetensors)."""
-    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model
+    from tasks.tinymodel import TinyModelSpec, build_tiny_model
 
     try:
         spec = TinyModelSpec(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -166,8 +166,8 @@ def init_reward_model(
     """Build a tiny sequence-classification reward model for the general prompts (§2.3.4)."""
     import random
 
-    from orchestrator.tasks import GeneralTask
-    from orchestrator.tinymodel import build_tiny_reward_model
+    from tasks.synthetic import GeneralTask
+    from tasks.tinymodel import build_tiny_reward_model
 
     if not (tokenizer / "tokenizer.json").exists() and not (tokenizer / "tokenizer_config.json").exists():
         _fail(f"--tokenizer {tokenizer} holds no tokenizer; build a model first with `r1lab init-model {tokenizer}`")
@@ -193,7 +193,7 @@ def data_make(
     general: Annotated[bool, typer.Option(help="also write general prompts (general_{train,test}.jsonl, §2.3.4)")] = False,
 ) -> None:
     """Write a synthetic task's train/test split as JSONL (prompt, answer)."""
-    from orchestrator.tasks import make_cold_start, make_dataset, make_general
+    from tasks.synthetic import make_cold_start, make_dataset, make_general
 
     try:
         paths = make_dataset(task, out, test_share=test_share, seed=seed, digits=digits)
@@ -311,8 +311,8 @@ def resume(run: Annotated[str, typer.Argument(help="run name")]) -> None:
 def _register_optional() -> None:
     import importlib
 
-    for command, module in (("verify-math", "orchestrator.verify_math"), ("plan", "orchestrator.plan"),
-                            ("report", "orchestrator.report")):
+    for command, module in (("verify-math", "orchestrator.tools.verify_math"), ("plan", "orchestrator.tools.plan"),
+                            ("report", "orchestrator.tools.report")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

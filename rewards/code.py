@@ -2,7 +2,7 @@
 
 "For LeetCode problems, a compiler can be used to generate feedback based on predefined
 test cases." The response's last fenced code block (after ``</think>`` when there is
-one) runs in ``rewards.sandbox``; the reward is 1 only if every test passes (the
+one) runs in ``rewards.isolation.sandbox``; the reward is 1 only if every test passes (the
 paper's rule), or, with ``pass_fraction``, the share of tests passed.
 
 The reference is a JSON string naming the tests. Kinds (unknown keys are an error):
@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.registry import RewardFn, register
-from rewards.sandbox import Limits, RunResult, RunStatus, SandboxConfig, Tier, configure, run_program
+from rewards.isolation.sandbox import Limits, RunResult, RunStatus, SandboxConfig, Tier, configure, run_program
 from rewards.types import RewardResult, RewardStatus
 
 # What LeetCode's judge and LiveCodeBench's harness put before a Python solution.

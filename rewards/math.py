@@ -12,7 +12,7 @@ Two steps, kept apart so each can be tested on its own:
    sets and tuples, matrices, equations, symbolic expressions, several answers.
 
 Nothing here has a time limit: sympy can be made to run for ever (``9!!!!``). Score
-through ``rewards.pool.ScoringPool``, which runs rewards in worker processes under a
+through ``rewards.isolation.pool.ScoringPool``, which runs rewards in worker processes under a
 wall-clock deadline. Math-Verify's own ``signal.alarm`` timeouts are switched off
 (``parsing_timeout=None``, ``timeout_seconds=None``): they raise off the main thread,
 which is how every score inside Ray workers once became 0 in other systems.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.tasks import read_jsonl
+from tasks.synthetic import read_jsonl
 
 Format = Literal["task", "math500", "gsm8k", "humaneval", "mbpp"]
 FORMATS: tuple[str, ...] = ("task", "math500", "gsm8k", "humaneval", "mbpp")
@@ -83,7 +83,7 @@ def detect_format(obj: dict[str, Any]) -> str:
         return "task"
     raise ValueError(
         f"cannot tell the benchmark format from fields {sorted(keys)}; "
-        f"set format to one of {', '.join(FORMATS)} (see orchestrator/benchmarks_data.py)"
+        f"set format to one of {', '.join(FORMATS)} (see tasks/benchmarks.py)"
     )
 
 

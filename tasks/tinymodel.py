@@ -2,7 +2,7 @@
 
 ``build_tiny_model`` trains a tokenizer on a task corpus, creates a small Qwen2 causal LM
 (head size 32, the least vLLM's CPU attention accepts) and, optionally, pretrains it on
-the task's noisy corpus (see ``orchestrator.tasks``) so it becomes a base policy that
+the task's noisy corpus (see ``tasks.synthetic``) so it becomes a base policy that
 answers right only part of the time. Everything is saved in Hugging Face format
 (``config.json``, ``model.safetensors``, ``tokenizer.json``) so transformers, vLLM and
 DeepSpeed load it from the path. Nothing is downloaded.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.tasks import AdditionTask, GeneralTask, get_task
-from orchestrator.templates import render_prompt
+from tasks.synthetic import AdditionTask, GeneralTask, get_task
+from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def build_tiny_reward_model(
     actor feeds it; saved with ``tokenizer_path``'s tokenizer. Returns ``out_dir``."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
-    from actors.reward_model import model_input
+    from rewards.model_input import model_input
 
     if not examples:
         raise ValueError("build_tiny_reward_model needs labelled examples")

@@ -29,7 +29,7 @@ def shared_data(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-init tiny Qwen2 model and tokenizer (no pretraining)."""
-    from orchestrator.tinymodel import build_tiny_model
+    from tasks.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-random"), pretrain_steps=0)
 
@@ -40,7 +40,7 @@ def tiny_base_model(tmp_path_factory) -> Path:
     cached = os.environ.get("R1LAB_TEST_BASE_MODEL")
     if cached and Path(cached, "model.safetensors").exists():
         return Path(cached)
-    from orchestrator.tinymodel import build_tiny_model
+    from tasks.tinymodel import build_tiny_model
 
     # The demo's base: 600 steps (400 left it too weak for the learning threshold below).
     return build_tiny_model(tmp_path_factory.mktemp("tiny-base"), pretrain_steps=600)

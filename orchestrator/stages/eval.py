@@ -8,7 +8,7 @@ Per benchmark, as the driver sees it:
     scores    = pass@1 (mean over samples, then questions), cons@k (majority vote over
                 final answers, equivalent answers voting together), unbiased pass@k
 
-The estimators are in ``orchestrator/eval_math.py``. ``evaluate_checkpoint`` is the
+The estimators are in ``evaluation/estimators.py``. ``evaluate_checkpoint`` is the
 same work as a function for other stages (``demo``, ``pipeline``): it starts its own
 rollout and reward actors on the connected cluster, evaluates, and kills them, so one
 driver can evaluate several checkpoints without restarting Ray.
@@ -41,10 +41,10 @@ from actors.rollout import PromptItem
 from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
 from orchestrator import placement
-from orchestrator.benchmarks_data import FORMATS, Benchmark, load_benchmark
+from tasks.benchmarks import FORMATS, Benchmark, load_benchmark
 from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
-from orchestrator.eval_math import consensus_correct, mean, mean_pass_at_k
-from orchestrator.templates import render_prompt
+from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
+from tasks.templates import render_prompt
 from rewards.config import RewardsConfig, RewardSpec
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def math_equivalence(answer_lists: Sequence[Sequence[str | None]], options: dict
     against the representative as gold, with the grader's options, in a scoring pool
     (timeouts and errors count as "not the same"). Only the pairs a vote can ask about
     are graded: each distinct answer against the distinct answers before it."""
-    from rewards.pool import ScoringPool
+    from rewards.isolation.pool import ScoringPool
     from rewards.types import RewardStatus
 
     pairs: set[tuple[str, str]] = set()

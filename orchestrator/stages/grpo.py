@@ -32,8 +32,8 @@ from learner.worker import StepStats
 from orchestrator import cluster
 from orchestrator.config import GRPOStageConfig, dump_config
 from orchestrator.metrics import MetricsLogger
-from orchestrator.tasks import TaskRow, load_rows
-from orchestrator.templates import render_prompt
+from tasks.synthetic import TaskRow, load_rows
+from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
 

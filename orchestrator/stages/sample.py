@@ -8,7 +8,7 @@
     output    = sft.jsonl (prompt, response, source_index) and stats.json (why each
                 dropped sample was dropped; the counts add up)
 
-The rules are pure functions in ``orchestrator/filters.py``. Actors are started and
+The rules are pure functions in ``evaluation/filters.py``. Actors are started and
 groups generated with the eval stage's helpers.
 """
 
@@ -23,9 +23,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from actors.config import RolloutConfig
-from orchestrator.benchmarks_data import Benchmark, BenchmarkRow, load_benchmark
+from tasks.benchmarks import Benchmark, BenchmarkRow, load_benchmark
 from orchestrator.config import FrozenModel, ClusterConfig, DataConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
-from orchestrator.filters import REASONS, ReadabilityRules, select
+from evaluation.filters import REASONS, ReadabilityRules, select
 from orchestrator.stages.eval import (
     Progress,
     check_inputs,
@@ -35,8 +35,8 @@ from orchestrator.stages.eval import (
     start_inference_actors,
     tokenize,
 )
-from orchestrator.tasks import load_rows
-from orchestrator.templates import render_prompt
+from tasks.synthetic import load_rows
+from tasks.templates import render_prompt
 from rewards.config import RewardsConfig
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from learner.config import LearnerConfig
 from orchestrator import cluster, placement
 from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, FrozenModel, dump_config
 from orchestrator.metrics import MetricsLogger
-from orchestrator.tasks import read_jsonl
-from orchestrator.templates import render_prompt
+from tasks.synthetic import read_jsonl
+from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
 

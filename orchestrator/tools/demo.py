@@ -45,8 +45,8 @@ def _say(progress: Callable[[str], None] | None, text: str) -> None:
 def build_inputs(out: Path, progress=None, *, pretrain_steps: int = 600) -> dict[str, Path]:
     import random
 
-    from orchestrator.tasks import GeneralTask, make_cold_start, make_dataset, make_general
-    from orchestrator.tinymodel import TinyModelSpec, build_tiny_model, build_tiny_reward_model
+    from tasks.synthetic import GeneralTask, make_cold_start, make_dataset, make_general
+    from tasks.tinymodel import TinyModelSpec, build_tiny_model, build_tiny_reward_model
 
     paths = {"base": out / "models" / "tiny-addition", "student": out / "models" / "tiny-student",
              "data": out / "data" / "addition", "rm-helpfulness": out / "models" / "rm-helpfulness",
@@ -159,9 +159,9 @@ def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompt
     With ``cache``, a checkpoint already evaluated with the same settings (and unchanged
     since: its weights file's modification time is part of the key) is not evaluated again,
     so a rerun of a stopped demo picks up where it stopped."""
-    from orchestrator.benchmarks_data import load_benchmark
+    from tasks.benchmarks import load_benchmark
     from orchestrator.stages import eval as eval_stage
-    from orchestrator.tasks import GeneralTask
+    from tasks.synthetic import GeneralTask
 
     ecfg = load_config(CONFIGS / "eval.yaml", [
         f"eval.benchmarks=[{{name: addition-test, path: {data / 'test.jsonl'}, limit: {eval_prompts}}}]",

@@ -2,7 +2,7 @@
 
 Each row needs ``gold`` and ``pred``; ``expected`` (true/false), when present, is
 compared with the verdict. Rows are graded in parallel by the same process pool, with
-the same per-call time limit, that scores rewards in training (``rewards.pool``).
+the same per-call time limit, that scores rewards in training (``rewards.isolation.pool``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rewards.config import RewardSpec
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 from rewards.types import RewardResult, RewardStatus
 
 console = Console()

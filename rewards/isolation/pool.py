@@ -9,7 +9,7 @@ comes back as ``RewardStatus.TIMEOUT``. A reward that raises comes back as
 ``RewardStatus.ERROR`` with the exception in the reason. Both are counted in ``stats()``
 and neither is a silent 0 that looks like "wrong".
 
-Workers are fresh interpreters (``python -m rewards.pool``) started through
+Workers are fresh interpreters (``python -m rewards.isolation.pool``) started through
 ``subprocess`` — exec right after fork, no ``preexec_fn``, so safe from a threaded
 caller — and talk over pipes with ``multiprocessing.connection``. Not
 ``multiprocessing.Process``: its spawn and forkserver methods re-import the caller's
@@ -120,7 +120,7 @@ class _Worker:
         child_fds = (task_r, result_w, life_r)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "rewards.pool", *map(str, child_fds)],
+                [sys.executable, "-m", "rewards.isolation.pool", *map(str, child_fds)],
                 pass_fds=child_fds,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -404,5 +404,5 @@ class ScoringPool:
         )
 
 
-if __name__ == "__main__":  # a worker: python -m rewards.pool TASK_FD RESULT_FD LIFELINE_FD
+if __name__ == "__main__":  # a worker: python -m rewards.isolation.pool TASK_FD RESULT_FD LIFELINE_FD
     _worker_main(*map(int, sys.argv[1:4]))

@@ -52,8 +52,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rewards.sandbox_launch import landlock_abi
-from rewards.sandbox_seccomp import seccomp_filter_bpf
+from rewards.isolation.sandbox_launch import landlock_abi
+from rewards.isolation.sandbox_seccomp import seccomp_filter_bpf
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Launcher of the restricted sandbox tier: the no-namespace fallback.
 
 Run as a script, never imported by the trainer: ``python3 -I -S sandbox_launch.py FD``
-where FD holds a job written by ``rewards.sandbox`` (marshal format 4, which every Python
+where FD holds a job written by ``rewards.isolation.sandbox`` (marshal format 4, which every Python
 since 3.4 reads; json would add ~7 ms of imports to every run). Standard library only,
 so the system interpreter can run it.
 

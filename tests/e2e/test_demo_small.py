@@ -32,7 +32,7 @@ def own_ray():
 
 
 def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
-    from orchestrator.demo import run_demo
+    from orchestrator.tools.demo import run_demo
     from orchestrator.metrics import read_metrics
 
     out = tmp_path / "runs"

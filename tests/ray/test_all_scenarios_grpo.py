@@ -15,8 +15,8 @@ def test_grpo_mixes_rule_rewards_and_reward_models(ray_local, tiny_model, tmp_pa
     from orchestrator.config import load_config
     from orchestrator.metrics import read_metrics
     from orchestrator.stages import StageError, grpo
-    from orchestrator.tasks import GeneralTask, make_dataset, make_general
-    from orchestrator.tinymodel import build_tiny_reward_model
+    from tasks.synthetic import GeneralTask, make_dataset, make_general
+    from tasks.tinymodel import build_tiny_reward_model
     from tests.conftest import ROOT
 
     make_dataset("addition", tmp_path / "data")

@@ -16,7 +16,7 @@ PROMPTS = 6
 
 
 def addition_file(tmp_path: Path) -> Path:
-    from orchestrator.tasks import get_task, write_jsonl
+    from tasks.synthetic import get_task, write_jsonl
 
     rows = get_task("addition").rows("test", test_share=0.1, seed=0)[:PROMPTS]
     path = tmp_path / "addition-test.jsonl"
@@ -99,7 +99,7 @@ def _scored(index: int, reference: str, texts: list[str], correct: list[bool]):
 
 def test_cons_at_k_groups_equivalent_math_answers():
     """No cluster needed: score_benchmark on hand-made graded groups."""
-    from orchestrator.benchmarks_data import Benchmark, BenchmarkRow
+    from tasks.benchmarks import Benchmark, BenchmarkRow
     from orchestrator.stages.eval import EvalConfig, score_benchmark
     from rewards.config import RewardsConfig, RewardSpec
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.ray
 def test_pipeline_runs_then_resumes_by_skipping(ray_local, tiny_model, tmp_path):
     from orchestrator.config import ConfigError, load_config
     from orchestrator.stages import pipeline
-    from orchestrator.tasks import make_cold_start, make_dataset
+    from tasks.synthetic import make_cold_start, make_dataset
     from tests.conftest import ROOT
 
     data = make_dataset("addition", tmp_path / "data")

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rewards.config import RewardSpec
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 from rewards.types import RewardStatus
 
 pytestmark = pytest.mark.ray

@@ -17,10 +17,10 @@ PROMPTS = 6
 
 def test_sample_keeps_only_correct_unique_rows_and_counts_the_rest(ray_local, tiny_base_model, tmp_path):
     from orchestrator.config import load_config
-    from orchestrator.filters import REASONS
+    from evaluation.filters import REASONS
     from orchestrator.stages import sample
-    from orchestrator.tasks import get_task, write_jsonl
-    from orchestrator.templates import render_prompt
+    from tasks.synthetic import get_task, write_jsonl
+    from tasks.templates import render_prompt
     from rewards.basic import exact_answer
     from tests.conftest import ROOT
 

@@ -12,7 +12,7 @@ def test_one_step_ahead_gives_staleness_one(ray_local, tiny_model, tmp_path):
     from orchestrator.config import load_config
     from orchestrator.metrics import read_metrics
     from orchestrator.stages import grpo
-    from orchestrator.tasks import make_dataset
+    from tasks.synthetic import make_dataset
     from tests.conftest import ROOT
 
     data = make_dataset("addition", tmp_path / "data")

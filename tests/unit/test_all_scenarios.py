@@ -10,13 +10,14 @@ from collections import Counter
 import pytest
 
 from actors.reward import RewardActor
-from actors.reward_model import RewardModelActor, model_input
+from actors.reward_model import RewardModelActor
+from rewards.model_input import model_input
 from actors.rollout import PromptItem
 from learner.batch import Completion, Group, ScoredGroup
 from learner.worker import StepStats
 from orchestrator.config import ConfigError, apply_overrides, load_config
 from orchestrator.stages.grpo import PromptSampler
-from orchestrator.tasks import GeneralTask, load_rows, make_dataset, make_general
+from tasks.synthetic import GeneralTask, load_rows, make_dataset, make_general
 from rewards.basic import summary_of
 from rewards.config import RewardModelSpec, RewardsConfig, RewardSpec
 from rewards.registry import build_reward
@@ -163,7 +164,7 @@ def test_config_of_reward_models_and_kinds(tmp_path):
 
 @pytest.fixture(scope="module")
 def reward_models(tiny_model, tmp_path_factory):
-    from orchestrator.tinymodel import build_tiny_reward_model
+    from tasks.tinymodel import build_tiny_reward_model
 
     out = tmp_path_factory.mktemp("rm")
     paths = {}

@@ -1,4 +1,4 @@
-"""Benchmark loaders (orchestrator/benchmarks_data.py): format detection, rows, and that
+"""Benchmark loaders (tasks/benchmarks.py): format detection, rows, and that
 the references they build grade the benchmarks' own reference solutions as correct."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.benchmarks_data import MATH_INSTRUCTION, detect_format, load_benchmark
+from tasks.benchmarks import MATH_INSTRUCTION, detect_format, load_benchmark
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

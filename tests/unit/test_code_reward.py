@@ -33,7 +33,7 @@ from rewards.code import (
     status_counts,
 )
 from rewards.registry import build_reward
-from rewards.sandbox import configure
+from rewards.isolation.sandbox import configure
 from rewards.types import RewardStatus
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""pass@k, cons@k and pass@1 estimators (orchestrator/eval_math.py), by hand."""
+"""pass@k, cons@k and pass@1 estimators (evaluation/estimators.py), by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from orchestrator.eval_math import consensus_correct, majority_vote, mean, mean_pass_at_k, pass_at_k
+from evaluation.estimators import consensus_correct, majority_vote, mean, mean_pass_at_k, pass_at_k
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
-"""Rejection-sampling filters (orchestrator/filters.py), table-driven."""
+"""Rejection-sampling filters (evaluation/filters.py), table-driven."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.filters import (
+from evaluation.filters import (
     REASONS,
     ReadabilityRules,
     has_code_in_cot,

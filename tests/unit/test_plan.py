@@ -9,7 +9,7 @@ import pytest
 import typer
 
 from orchestrator.config import GRPOStageConfig, load_config
-from orchestrator.plan import CONTEXT_BYTES, GiB, KNOWN_MODELS, command, make_plan, model_shape, parse_cluster
+from orchestrator.tools.plan import CONTEXT_BYTES, GiB, KNOWN_MODELS, command, make_plan, model_shape, parse_cluster
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

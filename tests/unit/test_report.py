@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from orchestrator.report import PANELS, command, resolve_run, write_report
+from orchestrator.tools.report import PANELS, command, resolve_run, write_report
 
 pytestmark = pytest.mark.unit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

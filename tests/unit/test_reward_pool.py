@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rewards.config import RewardSpec
-from rewards.pool import PoolStats, RewardStats, ScoringPool
+from rewards.isolation.pool import PoolStats, RewardStats, ScoringPool
 from rewards.registry import RewardFn, register
 from rewards.types import RewardResult, RewardStatus
 
@@ -250,7 +250,7 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
 import os, sys, threading, time
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from rewards.config import RewardSpec
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 pool = ScoringPool([RewardSpec(name="_test_spin")], workers=1, timeout_s=600, imports=[{__name__!r}])
 threading.Thread(target=pool.score, args=([("x", "y")],), daemon=True).start()
 time.sleep(0.5)

@@ -11,7 +11,7 @@ import pytest
 
 from rewards.config import RewardSpec
 from rewards.math import equivalent, extract_answer, last_boxed, math_accuracy, unbox
-from rewards.pool import ScoringPool
+from rewards.isolation.pool import ScoringPool
 from rewards.registry import build_reward
 from rewards.types import RewardStatus
 
@@ -284,7 +284,7 @@ def test_verify_math_command(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from orchestrator.verify_math import command
+    from orchestrator.tools.verify_math import command
 
     rows = [
         {"id": "a", "gold": "\\frac{1}{2}", "pred": "0.5", "expected": True},

@@ -1,4 +1,4 @@
-"""rewards.sandbox: how runs end, what programs see, start-up checks. Attacks live in
+"""rewards.isolation.sandbox: how runs end, what programs see, start-up checks. Attacks live in
 test_sandbox_attacks.py."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards import sandbox as sb
-from rewards.sandbox import (
+from rewards.isolation import sandbox as sb
+from rewards.isolation.sandbox import (
     Limits,
     RunStatus,
     Sandbox,
@@ -208,7 +208,7 @@ def test_weaker_tier_is_used_only_when_allowed_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _without_bwrap(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="rewards.isolation.sandbox"):
         box = Sandbox(SandboxConfig(min_tier=Tier.RESTRICTED))
     assert box.tier is Tier.RESTRICTED
     assert "bwrap not found" in caplog.text
@@ -251,7 +251,7 @@ def test_program_dies_with_the_trainer(sandbox: Sandbox) -> None:
     repo = Path(__file__).resolve().parents[2]
     trainer = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, %r)\n"
-        "from rewards.sandbox import Sandbox, SandboxConfig, Limits\n"
+        "from rewards.isolation.sandbox import Sandbox, SandboxConfig, Limits\n"
         "box = Sandbox(SandboxConfig(tier=%r, min_tier='restricted'))\n"
         "box.run('import time\\ntime.sleep(120)', limits=Limits(wall_s=120))\n"
     ) % (str(repo), sandbox.tier.value)])

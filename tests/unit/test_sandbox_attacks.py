@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from rewards.sandbox import Limits, RunResult, RunStatus, Sandbox, SandboxConfig, SandboxUnavailable, Tier
+from rewards.isolation.sandbox import Limits, RunResult, RunStatus, Sandbox, SandboxConfig, SandboxUnavailable, Tier
 
 pytestmark = pytest.mark.unit
 

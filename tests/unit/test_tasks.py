@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from orchestrator.tasks import AdditionTask, load_rows, make_dataset, parse_addition
-from orchestrator.templates import R1_ZERO, render_prompt
+from tasks.synthetic import AdditionTask, load_rows, make_dataset, parse_addition
+from tasks.templates import R1_ZERO, render_prompt
 from rewards.basic import exact_answer
 from rewards.format import r1zero_format
 
