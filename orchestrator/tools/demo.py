@@ -33,7 +33,7 @@ from orchestrator.config import load_config
 from orchestrator.metrics import read_metrics
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo"
 
 
