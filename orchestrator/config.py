@@ -44,8 +44,10 @@ class ModelConfig(_Frozen):
 
 
 class DataConfig(_Frozen):
-    train_path: Path
+    train_path: Path = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder")
     test_path: Path | None = None
+    split: str | None = Field(default=None, description="the split to read from a path that holds several "
+                              "(a saved DatasetDict, or a folder of train.parquet, test.jsonl, ...)")
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     kind_key: str = Field(default="kind", description="field naming a row's prompt type (§2.3.4)")

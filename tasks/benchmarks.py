@@ -1,7 +1,7 @@
 """Benchmark files → rows of (question, reference) and the reward that grades them.
 
-Formats (JSONL, as in ``../shared/data``; detected from the first row's fields unless
-named):
+Formats (JSONL as in ``../shared/data``, or any data path of ``tasks/data_files.py``:
+parquet, ``save_to_disk`` folders; detected from the first row's fields unless named):
 
 | format     | fields                                   | reference                    | reward         |
 |------------|------------------------------------------|------------------------------|----------------|
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.synthetic import read_jsonl
+from tasks.data_files import DataError, read_records
 
 Format = Literal["task", "math500", "gsm8k", "humaneval", "mbpp"]
 FORMATS: tuple[str, ...] = ("task", "math500", "gsm8k", "humaneval", "mbpp")
@@ -89,17 +89,20 @@ def detect_format(obj: dict[str, Any]) -> str:
 
 def to_row(obj: dict[str, Any], fmt: str, *, task_reward: str = "exact_answer") -> BenchmarkRow:
     """One JSON object of format ``fmt`` as a ``BenchmarkRow``."""
-    missing = [k for k in _REQUIRED[fmt] if k not in obj]
-    if fmt == "gsm8k" and not (obj.keys() & {"problem", "question"}):
+    # A null counts as absent: parquet columns that only some rows fill hold nulls.
+    missing = [k for k in _REQUIRED[fmt] if obj.get(k) is None]
+    if fmt == "gsm8k" and obj.get("problem") is None and obj.get("question") is None:
         missing.append("problem|question")
     if missing:
-        raise ValueError(f"{fmt} row lacks {missing} (has {sorted(obj)})")
+        raise ValueError(f"{fmt} row lacks {missing} (has {sorted(k for k, v in obj.items() if v is not None)}); "
+                         "fix the row, or name the benchmark's format")
+    _check_types(obj)
     if fmt == "task":
         return BenchmarkRow(str(obj["prompt"]), str(obj["answer"]), task_reward)
     if fmt == "math500":
         return BenchmarkRow(f"{obj['problem']}\n{MATH_INSTRUCTION}", str(obj["answer"]), "math_accuracy")
     if fmt == "gsm8k":
-        question = obj["problem"] if "problem" in obj else obj["question"]
+        question = obj["problem"] if obj.get("problem") is not None else obj["question"]
         # The original GSM8K answer is a worked solution ending "#### 42".
         answer = str(obj["answer"]).rpartition("####")[2].strip()
         return BenchmarkRow(f"{question}\n{MATH_INSTRUCTION}", answer, "math_accuracy")
@@ -119,26 +122,41 @@ def to_row(obj: dict[str, Any], fmt: str, *, task_reward: str = "exact_answer") 
     raise ValueError(f"unknown benchmark format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def _check_types(obj: dict[str, Any]) -> None:
+    """Texts are strings (an answer may be a number); test lists are lists of strings."""
+    for key in ("prompt", "problem", "question", "test", "entry_point"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"field {key!r} must be text, got {type(value).__name__} {value!r:.60}; fix the row")
+    answer = obj.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
+        raise ValueError(f"field 'answer' must be text or a number, got {type(answer).__name__} {answer!r:.60}; fix the row")
+    for key in ("test_list", "test_imports"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(t, str) for t in value)):
+            raise ValueError(f"field {key!r} must be a list of strings, got {value!r:.60}; fix the row")
+
+
 def load_benchmark(path: Path, *, name: str | None = None, format: str | None = None,  # noqa: A002
-                   limit: int | None = None, task_reward: str = "exact_answer") -> Benchmark:
-    """Read a benchmark JSONL file (the first ``limit`` rows). ``format`` None: detect it."""
+                   limit: int | None = None, task_reward: str = "exact_answer",
+                   split: str | None = None) -> Benchmark:
+    """Read a benchmark (the first ``limit`` rows) from a data path (a JSONL file, parquet,
+    a ``save_to_disk`` folder; ``split`` for one with splits). ``format`` None: detect it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown benchmark format {format!r}; choose one of {', '.join(FORMATS)}")
     rows: list[BenchmarkRow] = []
     fmt = format
-    for n, obj in enumerate(read_jsonl(path), 1):
+    for rec in read_records(path, split=split):
         if limit is not None and len(rows) >= limit:
             break
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: a row must be a JSON object")
-        fmt = fmt or detect_format(obj)
         try:
-            rows.append(to_row(obj, fmt, task_reward=task_reward))
+            fmt = fmt or detect_format(rec.fields)
+            rows.append(to_row(rec.fields, fmt, task_reward=task_reward))
         except ValueError as err:
-            raise ValueError(f"{path}:{n}: {err}") from None
+            raise DataError(f"{rec.where}: {err}") from None
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return Benchmark(name or path.stem, str(fmt), tuple(rows))

@@ -17,18 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class TaskRow:
-    """One problem: the bare question (a template is applied later) and its answer."""
-
-    prompt: str
-    answer: str
-    kind: str = "reasoning"  # prompt type (§2.3.4): reasoning prompts get rule rewards
+from tasks.data_files import TaskRow
 
 
 @dataclass(frozen=True)
@@ -214,39 +206,6 @@ def write_jsonl(rows: list[TaskRow], path: Path) -> None:
             if row.kind == "reasoning":
                 del obj["kind"]  # the default; keeps task files in the plain prompt/answer shape
             f.write(json.dumps(obj) + "\n")
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with Path(path).open() as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-
-
-def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answer",
-              kind_key: str = "kind", default_kind: str = "reasoning") -> list[TaskRow]:
-    """Rows of a JSONL file with a prompt and a reference answer field.
-
-    A row may name its prompt type in ``kind_key`` (else ``default_kind``); rows of a kind
-    other than ``reasoning`` (general prompts, scored by reward models) need no answer.
-    """
-    rows = []
-    for n, obj in enumerate(read_jsonl(path), 1):
-        kind = str(obj.get(kind_key, default_kind))
-        if prompt_key not in obj or (answer_key not in obj and kind == "reasoning"):
-            raise ValueError(
-                f"{path}:{n}: needs fields {prompt_key!r} and {answer_key!r}, has {sorted(obj)};"
-                " set data.prompt_key / data.answer_key to the file's field names"
-            )
-        rows.append(TaskRow(str(obj[prompt_key]), str(obj.get(answer_key, "")), kind))
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
 
 
 def make_cold_start(out_path: Path, *, n: int, test_share: float = 0.1, seed: int = 0, digits: int = 2) -> Path:

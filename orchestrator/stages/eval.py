@@ -474,7 +474,12 @@ def check_inputs(model_path: str, paths: Sequence[Path]) -> None:
 def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
     """Run the stage; returns the run directory (``results.json``, ``samples.jsonl``)."""
     check_inputs(cfg.model.path, [s.path for s in cfg.eval.benchmarks])
-    benchmarks = load_benchmarks(cfg.eval, cfg.rewards)
+    try:
+        benchmarks = load_benchmarks(cfg.eval, cfg.rewards)
+    except ValueError as err:  # a bad row, named in the message
+        from orchestrator.stages import StageError
+
+        raise StageError(str(err)) from None
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -32,7 +32,7 @@ from learner.worker import StepStats
 from orchestrator import cluster
 from orchestrator.config import GRPOStageConfig, dump_config
 from orchestrator.metrics import MetricsLogger
-from tasks.synthetic import TaskRow, load_rows
+from tasks.data_files import TaskRow, load_rows
 from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class GRPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         try:
             rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                             kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind)
+                             kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind, split=cfg.data.split)
         except ValueError as err:
             raise StageError(str(err)) from None
         check_kinds(rows, cfg.rewards)

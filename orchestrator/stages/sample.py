@@ -35,7 +35,7 @@ from orchestrator.stages.eval import (
     start_inference_actors,
     tokenize,
 )
-from tasks.synthetic import load_rows
+from tasks.data_files import load_rows
 from tasks.templates import render_prompt
 from rewards.config import RewardsConfig
 
@@ -94,8 +94,8 @@ def load_prompts(cfg: SampleStageConfig) -> Benchmark:
     s, d = cfg.sample, cfg.data
     if s.format is not None:
         return load_benchmark(d.train_path, name="train", format=s.format, limit=s.limit_prompts,
-                              task_reward=cfg.rewards.accuracy_reward)
-    rows = load_rows(d.train_path, prompt_key=d.prompt_key, answer_key=d.answer_key)[: s.limit_prompts]
+                              task_reward=cfg.rewards.accuracy_reward, split=d.split)
+    rows = load_rows(d.train_path, prompt_key=d.prompt_key, answer_key=d.answer_key, split=d.split)[: s.limit_prompts]
     return Benchmark("train", "task", tuple(BenchmarkRow(r.prompt, r.answer, cfg.rewards.accuracy_reward)
                                             for r in rows))
 
@@ -106,7 +106,12 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
 
     check_inputs(cfg.model.path, [cfg.data.train_path])
     s = cfg.sample
-    bench = load_prompts(cfg)
+    try:
+        bench = load_prompts(cfg)
+    except ValueError as err:  # a bad row, named in the message
+        from orchestrator.stages import StageError
+
+        raise StageError(str(err)) from None
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

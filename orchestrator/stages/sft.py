@@ -23,17 +23,19 @@ from learner.config import LearnerConfig
 from orchestrator import cluster, placement
 from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, FrozenModel, dump_config
 from orchestrator.metrics import MetricsLogger
-from tasks.synthetic import read_jsonl
+from tasks.data_files import DataError, load_pairs
 from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
 
 
 class SFTDataConfig(FrozenModel):
-    train_path: Path
+    train_path: Path = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder")
     extra_train_paths: tuple[Path, ...] = Field(
         default=(), description="more files of the same shape, trained on together with train_path "
         "(e.g. the non-reasoning data of §2.3.3 beside the rejection-sampled reasoning data)")
+    split: str | None = Field(default=None, description="the split to read from paths that hold several "
+                              "(a saved DatasetDict, or a folder of train.parquet, test.jsonl, ...)")
     prompt_key: str = "prompt"
     response_key: str = "response"
     template: Literal["none", "r1zero", "plain", "chat"] = Field(
@@ -82,19 +84,19 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
                              f"{d.response_key!r} fields, e.g. the sample stage's sft.jsonl)")
     out, too_long = [], 0
     eos = tokenizer.eos_token or ""
-    for path in (d.train_path, *d.extra_train_paths):
-        for n, row in enumerate(read_jsonl(path), 1):
-            if d.prompt_key not in row or d.response_key not in row:
-                raise StageError(f"{path}:{n}: needs fields {d.prompt_key!r} and {d.response_key!r}; "
-                                 "set data.prompt_key / data.response_key")
-            prompt = (row[d.prompt_key] if d.template == "none"
-                      else render_prompt(row[d.prompt_key], d.template, tokenizer))
-            p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            r = tuple(tokenizer(row[d.response_key] + eos, add_special_tokens=False)["input_ids"])
-            if len(p) + len(r) > cfg.sft.max_seq_tokens:
-                too_long += 1
-                continue
-            out.append((p, r))
+    try:
+        pairs = [pair for path in (d.train_path, *d.extra_train_paths)
+                 for pair in load_pairs(path, prompt_key=d.prompt_key, response_key=d.response_key, split=d.split)]
+    except DataError as err:
+        raise StageError(str(err)) from None
+    for prompt, response in pairs:
+        prompt = prompt if d.template == "none" else render_prompt(prompt, d.template, tokenizer)
+        p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        r = tuple(tokenizer(response + eos, add_special_tokens=False)["input_ids"])
+        if len(p) + len(r) > cfg.sft.max_seq_tokens:
+            too_long += 1
+            continue
+        out.append((p, r))
     if not out:
         raise StageError(f"{d.train_path} has no usable rows ({too_long} longer than sft.max_seq_tokens)")
     return out, too_long

@@ -17,7 +17,8 @@ from learner.batch import Completion, Group, ScoredGroup
 from learner.worker import StepStats
 from orchestrator.config import ConfigError, apply_overrides, load_config
 from orchestrator.stages.grpo import PromptSampler
-from tasks.synthetic import GeneralTask, load_rows, make_dataset, make_general
+from tasks.data_files import load_rows
+from tasks.synthetic import GeneralTask, make_dataset, make_general
 from rewards.basic import summary_of
 from rewards.config import RewardModelSpec, RewardsConfig, RewardSpec
 from rewards.registry import build_reward

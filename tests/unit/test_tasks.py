@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from tasks.synthetic import AdditionTask, load_rows, make_dataset, parse_addition
+from tasks.data_files import load_rows
+from tasks.synthetic import AdditionTask, make_dataset, parse_addition
 from tasks.templates import R1_ZERO, render_prompt
 from rewards.basic import exact_answer
 from rewards.format import r1zero_format
