@@ -169,7 +169,8 @@ class ScoringPool:
     from any thread (calls are serialised) and inside Ray actors.
 
     ``imports``: modules each worker imports before building the rewards, so that
-    rewards registered outside r1lab (``@register("mine")``) can be named in specs.
+    rewards added to the table outside r1lab (``rewards.registry.register``) can be
+    named in specs.
     ``memory_limit_mb``: address-space limit per worker (None: unlimited).
     """
 
