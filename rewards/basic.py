@@ -7,9 +7,10 @@ The format rewards live in ``rewards.format``, the math reward in ``rewards.math
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
-from rewards.registry import RewardFn, register
-from rewards.types import RewardResult, RewardStatus
+from rewards.types import RewardFn, RewardResult, RewardStatus
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -36,9 +37,16 @@ def exact_answer(response: str, reference: str) -> RewardResult:
     return _same_text(extract_answer_tag(response), reference.strip(), what="answer", missing="no <answer> block")
 
 
-@register("exact_answer")
-def _exact_answer_factory() -> RewardFn:
+def build_exact_answer() -> RewardFn:
+    """``exact_answer`` as the registry builds it (it takes no options)."""
     return exact_answer
+
+
+def answer_tag_vote(response: str, options: Mapping[str, Any]) -> str | None:
+    """What a response votes for in cons@k under ``exact_answer``: its ``<answer>`` text,
+    compared by string equality as the reward compares; None (no vote) without one."""
+    del options  # exact_answer takes none
+    return extract_answer_tag(response)
 
 
 def summary_of(response: str) -> str:
@@ -57,13 +65,12 @@ def summary_match(response: str, reference: str) -> RewardResult:
     return _same_text(summary or None, " ".join(reference.split()), what="summary", missing="no summary")
 
 
-@register("summary_match")
-def _summary_match_factory() -> RewardFn:
+def build_summary_match() -> RewardFn:
+    """``summary_match`` as the registry builds it (it takes no options)."""
     return summary_match
 
 
-@register("no_phrase")
-def _no_phrase_factory(phrases: list[str] | tuple[str, ...] = ()) -> RewardFn:
+def build_no_phrase(phrases: list[str] | tuple[str, ...] = ()) -> RewardFn:
     """1 when none of ``phrases`` occurs anywhere in the response, reasoning included
     (case-insensitive): a blocklist rule."""
     blocked = [p.lower() for p in phrases if p.strip()]

@@ -35,20 +35,18 @@ cannot: results travel under a per-run token, and a test counts only when report
 
 from __future__ import annotations
 
-import collections
 import json
 import re
 import secrets
 import textwrap
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rewards.registry import RewardFn, register
 from rewards.isolation.sandbox import Limits, RunResult, RunStatus, SandboxConfig, Tier, configure, run_program
-from rewards.types import RewardResult, RewardStatus
+from rewards.types import RewardFn, RewardResult, RewardStatus
 
 # What LeetCode's judge and LiveCodeBench's harness put before a Python solution.
 LEETCODE_IMPORTS = """\
@@ -255,7 +253,11 @@ class CaseOutcome:
 
 @dataclass(frozen=True)
 class Grade:
+    """The verdict per test, and how each sandbox run behind them ended (one per stdio
+    case run, one for the harness kinds)."""
+
     outcomes: tuple[CaseOutcome, ...]
+    runs: tuple[RunStatus, ...] = ()
 
     @property
     def passed(self) -> int:
@@ -272,24 +274,6 @@ class Grade:
     @property
     def first_failure(self) -> CaseOutcome | None:
         return next((o for o in self.outcomes if not o.passed), None)
-
-
-_status_counts: collections.Counter[str] = collections.Counter()
-_status_lock = threading.Lock()
-
-
-def status_counts() -> dict[str, int]:
-    """How every sandbox run of the code reward in this process ended, by RunResult
-    status, since start-up (monotonic counters, for metrics)."""
-    with _status_lock:
-        return {status.value: _status_counts[status.value] for status in RunStatus}
-
-
-def _run(source: str, language: str, stdin: str, limits: Limits) -> RunResult:
-    result = run_program(source, language=language, stdin=stdin, limits=limits)
-    with _status_lock:
-        _status_counts[result.status.value] += 1
-    return result
 
 
 def _norm_lines(text: str) -> list[str]:
@@ -319,6 +303,7 @@ def _run_failure(result: RunResult) -> str:
 def _grade_stdio(code: str, spec: StdioSpec, budget_s: float, test_timeout_s: float | None,
                  memory_bytes: int, keep_going: bool) -> Grade:
     outcomes: list[CaseOutcome] = []
+    runs: list[RunStatus] = []
     spent_s = 0.0  # wall clock of the runs themselves: C++ compilation does not count
     for index, (stdin, expected) in enumerate(spec.cases):
         remaining = budget_s - spent_s
@@ -327,7 +312,9 @@ def _grade_stdio(code: str, spec: StdioSpec, budget_s: float, test_timeout_s: fl
                          for i in range(index, len(spec.cases))]
             break
         limit = min(remaining, test_timeout_s or remaining)
-        result = _run(code, spec.language, stdin, Limits(cpu_s=limit, wall_s=limit, memory_bytes=memory_bytes))
+        result = run_program(code, language=spec.language, stdin=stdin,
+                             limits=Limits(cpu_s=limit, wall_s=limit, memory_bytes=memory_bytes))
+        runs.append(result.status)
         spent_s += result.wall_s
         if result.status is RunStatus.OK:
             diff = compare_stdout(expected, result.stdout)
@@ -341,7 +328,7 @@ def _grade_stdio(code: str, spec: StdioSpec, budget_s: float, test_timeout_s: fl
         if not outcome.passed and not keep_going:
             outcomes += [CaseOutcome(i, "not_run") for i in range(index + 1, len(spec.cases))]
             break
-    return Grade(tuple(outcomes))
+    return Grade(tuple(outcomes), tuple(runs))
 
 
 # The in-sandbox harness. Its job (program, setup, tests, token) arrives on stdin and is
@@ -485,8 +472,8 @@ def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: 
         "token": token, "kind": spec.kind, "setup": spec.setup, "program": code,
         "tests": list(spec.tests), "entry_point": spec.entry_point,
     }
-    result = _run(_HARNESS, "python", json.dumps(job),
-                  Limits(cpu_s=budget_s, wall_s=budget_s, memory_bytes=memory_bytes))
+    result = run_program(_HARNESS, language="python", stdin=json.dumps(job),
+                         limits=Limits(cpu_s=budget_s, wall_s=budget_s, memory_bytes=memory_bytes))
     events = []
     for line in result.stdout.split("\n"):
         if line.startswith(token + " "):
@@ -494,16 +481,22 @@ def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: 
                 events.append(json.loads(line[len(token) + 1:]))
             except json.JSONDecodeError:
                 continue
+    return Grade(_harness_outcomes(result, events, spec), (result.status,))
+
+
+def _harness_outcomes(result: RunResult, events: list[dict[str, Any]], spec: HarnessSpec
+                      ) -> tuple[CaseOutcome, ...]:
+    """One outcome per test from the harness's reports (``events``) and how its run ended."""
     total = next((e["count"] for e in events if e["event"] == "count"), spec.total)
     if result.status is RunStatus.SANDBOX_ERROR:
-        return Grade(tuple(CaseOutcome(i, "sandbox_error", result.detail) for i in range(total)))
+        return tuple(CaseOutcome(i, "sandbox_error", result.detail) for i in range(total))
     for event in events:
         if event["event"] == "bad_test":
-            return Grade(tuple(CaseOutcome(i, "bad_test", event["detail"]) for i in range(total)))
+            return tuple(CaseOutcome(i, "bad_test", event["detail"]) for i in range(total))
         if event["event"] == "compile_error":
-            return Grade(tuple(CaseOutcome(i, "compile_error", event["detail"]) for i in range(total)))
+            return tuple(CaseOutcome(i, "compile_error", event["detail"]) for i in range(total))
         if event["event"] == "load_error":
-            return Grade(tuple(CaseOutcome(i, event["status"], event["detail"]) for i in range(total)))
+            return tuple(CaseOutcome(i, event["status"], event["detail"]) for i in range(total))
     reported = {e["index"]: CaseOutcome(e["index"], e["status"], e.get("detail", ""))
                 for e in events if e["event"] == "test"}
     finished = any(e["event"] == "done" for e in events)
@@ -519,7 +512,7 @@ def _grade_harness(code: str, spec: HarnessSpec, budget_s: float, memory_bytes: 
                 outcomes.append(CaseOutcome(index, result.status.value, _run_failure(result)))
         else:
             outcomes.append(CaseOutcome(index, "not_run"))
-    return Grade(tuple(outcomes))
+    return tuple(outcomes)
 
 
 def grade(code: str, spec: TestSpec, *, time_budget_s: float = 4.0, test_timeout_s: float | None = None,
@@ -586,8 +579,19 @@ def code_reward(response: str, reference: str, options: CodeRewardOptions) -> Re
     return RewardResult(score, RewardStatus.WRONG, reason)
 
 
-@register("code_tests")
-def _code_tests_factory(**options: Any) -> RewardFn:
+def program_vote(response: str, options: Mapping[str, Any]) -> str | None:
+    """What a response votes for in cons@k under ``code_tests``: its Python program as
+    ``extract_code`` finds it, blank lines and trailing spaces dropped, so identical
+    programs vote together (when every program differs the vote falls to the first
+    sample: cons@k then measures one sample); None (no vote) without a program."""
+    del options  # the program is read the same whatever the grading options
+    code = extract_code(response)
+    if code is None or not code.strip():
+        return None
+    return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
+
+
+def build_code_tests(**options: Any) -> RewardFn:
     opts = CodeRewardOptions(**options)
     # Start-up: build and self-test the sandbox now, so a host that cannot contain
     # programs fails here, loudly, not at the first code problem.

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import re
 
-from rewards.registry import RewardFn, register
-from rewards.types import RewardResult, RewardStatus
+from rewards.types import RewardFn, RewardResult, RewardStatus
 
 _TAG = re.compile(r"</?(?:think|answer)>")
 
@@ -109,16 +108,14 @@ def r1_format(
     return RewardResult(0.0, RewardStatus.WRONG, why)
 
 
-@register("format_r1zero")
-def _r1zero_format_factory(think_opened_in_prompt: bool = False) -> RewardFn:
+def build_format_r1zero(think_opened_in_prompt: bool = False) -> RewardFn:
     def reward(response: str, reference: str) -> RewardResult:
         return r1zero_format(response, reference, think_opened_in_prompt=think_opened_in_prompt)
 
     return reward
 
 
-@register("format_r1")
-def _r1_format_factory(think_opened_in_prompt: bool = False) -> RewardFn:
+def build_format_r1(think_opened_in_prompt: bool = False) -> RewardFn:
     def reward(response: str, reference: str) -> RewardResult:
         return r1_format(response, reference, think_opened_in_prompt=think_opened_in_prompt)
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rewards.registry import RewardFn, register
-from rewards.types import RewardResult, RewardStatus
+from rewards.types import RewardFn, RewardResult, RewardStatus
 
 # Unicode ranges per script. Han: CJK Unified Ideographs, extension A, compatibility.
 _HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -127,8 +126,7 @@ def language_consistency(
     return RewardResult(share, status, reason)
 
 
-@register("language_consistency")
-def _language_consistency_factory(language: str = "en", han_chars_per_word: float = 1.5) -> RewardFn:
+def build_language_consistency(language: str = "en", han_chars_per_word: float = 1.5) -> RewardFn:
     if language not in SCRIPTS:
         raise ValueError(
             f"language_consistency: unknown language {language!r}; choose one of {', '.join(SCRIPTS)}"

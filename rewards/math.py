@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rewards.basic import summary_of
-from rewards.registry import RewardFn, register
-from rewards.types import RewardResult, RewardStatus
+from rewards.types import RewardFn, RewardResult, RewardStatus
 
 # Math-Verify warns once per process that its timeout is off; the pool is our timeout.
 # Quieted only where the user has not set a level of their own.
@@ -393,8 +393,25 @@ def math_accuracy(
     return RewardResult(0.0, RewardStatus.WRONG, f"{answer.source}: {why}")
 
 
-@register("math_accuracy")
-def _math_accuracy_factory(
+def answer_vote(response: str, options: Mapping[str, Any]) -> str | None:
+    """What a response votes for in cons@k under ``math_accuracy``: its final answer as
+    the reward extracts it (``options["extraction"]``), without ``$…$`` or a box around
+    it (``$\\boxed{3}$`` and ``3`` are one vote, and samples.jsonl stays readable); None
+    (no vote) without one. Equivalent answers vote together: see ``vote_response``."""
+    found = extract_answer(response, strict=options.get("extraction", "strict") == "strict")
+    if found is None:
+        return None
+    shown = found.text.strip().strip("$").strip()
+    return unbox(shown) or shown
+
+
+def vote_response(answer: str) -> str:
+    """A response that states ``answer``. Two votes are one when ``math_accuracy`` grades
+    one, stated so, correct against the other as reference (``\\frac12`` and ``0.5``)."""
+    return f"<answer>{answer}</answer>"
+
+
+def build_math_accuracy(
     extraction: Extraction = "strict",
     float_rounding: int | None = None,
     min_significant_digits: int = 3,

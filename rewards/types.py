@@ -1,9 +1,10 @@
-"""The one result type every reward returns."""
+"""The one result type every reward returns, and the shape of a reward function."""
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -39,3 +40,7 @@ class RewardResult:
             raise ValueError(f"reward score must be finite, got {self.score!r}")
         if not isinstance(self.status, RewardStatus):
             raise TypeError(f"status must be a RewardStatus, got {type(self.status).__name__}")
+
+
+# A reward: ``(response, reference) -> RewardResult``, deterministic, no I/O.
+RewardFn = Callable[[str, str], RewardResult]

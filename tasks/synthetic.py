@@ -179,10 +179,6 @@ class GeneralTask:
         return out
 
 
-def parse_general(question: str) -> int:
-    return int(question.removeprefix("Tell me about "))
-
-
 def parse_addition(question: str) -> tuple[int, int]:
     left, right = question.removeprefix("What is ").split("+")
     return int(left), int(right)

@@ -13,14 +13,10 @@ same work as a function for other stages (``demo``, ``pipeline``): it starts its
 rollout and reward actors on the connected cluster, evaluates, and kills them, so one
 driver can evaluate several checkpoints without restarting Ray.
 
-What votes in cons@k (``answer_key``): the extracted final answer for math rewards,
-grouped by ``rewards.math`` equivalence under the grader's own options (``\\frac12`` and
-``0.5`` vote together), compared in a scoring pool so a pathological answer costs a
-timeout, not a hung driver; the ``<answer>`` text for ``exact_answer`` (grouped by string
-equality, as that reward compares); the extracted program for ``code_tests``, with
-blank lines and trailing spaces dropped (identical programs vote together, so when every
-program differs the vote falls to the first sample: cons@k then measures one sample);
-and for any other reward the verdict itself (cons@k = "most samples were correct").
+What votes in cons@k is each reward's own (``rewards.registry``: the final answer for
+math rewards, equivalent answers voting together; the ``<answer>`` text for
+``exact_answer``; the normalised program for ``code_tests``; otherwise the verdict);
+``evaluation.vote`` applies it.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from orchestrator import placement
 from tasks.benchmarks import FORMATS, Benchmark, load_benchmark
 from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
 from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
+from evaluation.vote import same_vote, vote_key
 from tasks.templates import render_prompt
 from rewards.config import RewardsConfig, RewardSpec
 
@@ -278,57 +275,6 @@ def generate_scored(engines: Sequence, reward_actors: Sequence, items: Sequence[
     return sorted(scored, key=lambda s: s.group.prompt_index)
 
 
-# -- what votes in cons@k ----------------------------------------------------------------------
-
-
-def answer_key(reward: str, text: str, correct: bool, options: dict) -> str | None:
-    """What a completion votes for in cons@k (see the module docstring); None: no vote."""
-    if reward == "exact_answer":
-        from rewards.basic import extract_answer_tag
-
-        return extract_answer_tag(text)
-    if reward == "math_accuracy":
-        from rewards.math import extract_answer, unbox
-
-        found = extract_answer(text, strict=options.get("extraction", "strict") == "strict")
-        if found is None:
-            return None
-        # "$\boxed{3}$" and "3" are the same vote; unwrapping keeps samples.jsonl readable.
-        shown = found.text.strip().strip("$").strip()
-        return unbox(shown) or shown
-    if reward == "code_tests":
-        from rewards.code import extract_code
-
-        code = extract_code(text)
-        if code is None or not code.strip():
-            return None
-        return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
-    return "correct" if correct else "wrong"
-
-
-def math_equivalence(answer_lists: Sequence[Sequence[str | None]], options: dict, rewards: RewardsConfig
-                     ) -> Callable[[str, str], bool]:
-    """``same(representative, answer)`` for math answers: ``math_accuracy`` of the answer
-    against the representative as gold, with the grader's options, in a scoring pool
-    (timeouts and errors count as "not the same"). Only the pairs a vote can ask about
-    are graded: each distinct answer against the distinct answers before it."""
-    from rewards.isolation.pool import ScoringPool
-    from rewards.types import RewardStatus
-
-    pairs: set[tuple[str, str]] = set()
-    for answers in answer_lists:
-        distinct = list(dict.fromkeys(a for a in answers if a is not None))
-        pairs.update((rep, a) for i, a in enumerate(distinct) for rep in distinct[:i])
-    table: dict[tuple[str, str], bool] = {}
-    if pairs:
-        ordered = sorted(pairs)
-        spec = RewardSpec(name="math_accuracy", options=options)
-        with ScoringPool([spec], workers=rewards.workers, timeout_s=rewards.timeout_s) as pool:
-            results = pool.score([(f"<answer>{a}</answer>", rep) for rep, a in ordered])
-        table = {p: r["math_accuracy"].status == RewardStatus.CORRECT for p, r in zip(ordered, results, strict=True)}
-    return lambda rep, a: rep == a or table.get((rep, a), False)
-
-
 # -- evaluation -------------------------------------------------------------------------------
 
 
@@ -358,16 +304,13 @@ def score_benchmark(bench: Benchmark, groups: Sequence[ScoredGroup], settings: E
     verdicts: list[list[bool]] = []
     for sg in groups:
         correct = [a == 1.0 for a in sg.accuracy]
-        keys = [answer_key(bench.reward, c.text, ok, options) for c, ok in zip(sg.group.completions, correct, strict=True)]
+        keys = [vote_key(bench.reward, c.text, ok, options) for c, ok in zip(sg.group.completions, correct, strict=True)]
         answers.append(keys)
         verdicts.append(correct)
         for j, c in enumerate(sg.group.completions):
             records.append(SampleRecord(bench.name, sg.group.prompt_index, j, correct[j], sg.rewards[j],
                                         sg.format_ok[j], keys[j], len(c.token_ids), c.finish_reason, c.text))
-    if bench.reward == "math_accuracy":
-        same = math_equivalence(answers, options, rewards)
-    else:
-        same = lambda rep, a: rep == a  # noqa: E731
+    same = same_vote(bench.reward, answers, options, workers=rewards.workers, timeout_s=rewards.timeout_s)
     counts = [(len(v), sum(v)) for v in verdicts]
     fmt = [r.format_ok for r in records if not math.isnan(r.format_ok)]
     return BenchmarkResult(

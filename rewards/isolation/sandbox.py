@@ -687,6 +687,30 @@ def _exited(pidfd: int, wait_s: float = 0.0) -> bool:
     return bool(select.select([pidfd], [], [], wait_s)[0])
 
 
+def _read_until(deadline: float, exited_at: float | None, killed_at: float | None) -> float:
+    """When to stop reading a run's pipes. After an exit or a kill, read on until every
+    holder of the pipes is gone (so a run's processes are dead when it returns), but not
+    forever."""
+    if killed_at is not None:
+        return killed_at + 2.0
+    if exited_at is not None:
+        return exited_at + 0.5
+    return deadline
+
+
+def _drain(fds: set[int], bufs: dict[int, bytearray], status_r: int, output_bytes: int) -> None:
+    """Append what is already buffered in ``fds`` to ``bufs``, without blocking; output
+    (all but ``status_r``) stops growing at ``output_bytes``."""
+    for fd in fds:
+        os.set_blocking(fd, False)
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                if fd == status_r or len(bufs[fd]) < output_bytes:
+                    bufs[fd] += chunk
+        except BlockingIOError:
+            pass
+
+
 def _execute(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...], status_r: int, status_w: int,
              limits: Limits, kill: Callable[[int, int], None]) -> _Spawned:
     """Spawn ``argv``; read stdout, stderr and the status pipe with caps; enforce the
@@ -722,14 +746,7 @@ def _execute(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...], status_r
                 timed_out = True
                 killed_at = now
                 kill(proc.pid, pidfd)
-            # After an exit or a kill, read on until every holder of the pipes is gone (so
-            # a run's processes are dead when it returns), but not forever.
-            if killed_at is not None:
-                wait_until = killed_at + 2.0
-            elif exited_at is not None:
-                wait_until = exited_at + 0.5
-            else:
-                wait_until = deadline
+            wait_until = _read_until(deadline, exited_at, killed_at)
             if now >= wait_until:
                 break
             for fd, _event in poller.poll(max(0.0, wait_until - now) * 1000):
@@ -756,14 +773,7 @@ def _execute(argv: list[str], stdin_fd: int, pass_fds: tuple[int, ...], status_r
         _, wait_status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(wait_status)
         wall = min(exited_at or time.monotonic(), killed_at or math.inf) - start
-        for fd in open_fds:  # what is already buffered, without blocking
-            os.set_blocking(fd, False)
-            try:
-                while chunk := os.read(fd, 1 << 16):
-                    if fd == status_r or len(bufs[fd]) < limits.output_bytes:
-                        bufs[fd] += chunk
-            except BlockingIOError:
-                pass
+        _drain(open_fds, bufs, status_r, limits.output_bytes)
         os.close(pidfd)
         proc.stdout.close()
         proc.stderr.close()

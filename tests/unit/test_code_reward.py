@@ -30,10 +30,9 @@ from rewards.code import (
     extract_code,
     grade,
     parse_tests,
-    status_counts,
 )
 from rewards.registry import build_reward
-from rewards.isolation.sandbox import configure
+from rewards.isolation.sandbox import RunStatus, configure
 from rewards.types import RewardStatus
 
 pytestmark = pytest.mark.unit
@@ -454,12 +453,11 @@ def test_time_budget_covers_the_whole_problem() -> None:
     assert 0 < result.score < 1 and "timeout" in result.reason, result
 
 
-def test_status_counts_count_runs() -> None:
-    before = status_counts()
-    code_reward(_fenced("def add(a, b):\n    return a + b\n"), _ADD, CodeRewardOptions())
-    code_reward(_fenced("print(", "python"), json.dumps({"kind": "stdio", "cases": [{"stdin": "", "stdout": ""}]}),
-                CodeRewardOptions())
-    after = status_counts()
-    assert after["ok"] == before["ok"] + 1
-    assert after["compile_error"] == before["compile_error"] + 1
-    assert set(after) == {"ok", "runtime_error", "compile_error", "timeout", "memory", "output_limit", "sandbox_error"}
+def test_grade_records_how_each_run_ended() -> None:
+    harness = grade("def add(a, b):\n    return a + b\n", parse_tests(_ADD))
+    assert harness.runs == (RunStatus.OK,)  # one run for all the asserts
+    stdio = json.dumps({"kind": "stdio", "cases": [{"stdin": "", "stdout": ""}] * 2})
+    assert grade("print(", parse_tests(stdio)).runs == (RunStatus.COMPILE_ERROR,)  # the same for every case
+    assert grade("print()", parse_tests(stdio)).runs == (RunStatus.OK, RunStatus.OK)  # one run per case
+    assert {s.value for s in RunStatus} == {"ok", "runtime_error", "compile_error", "timeout", "memory",
+                                           "output_limit", "sandbox_error"}

@@ -10,7 +10,7 @@ import pytest
 
 from rewards.config import RewardSpec
 from rewards.isolation.pool import PoolStats, RewardStats, ScoringPool
-from rewards.registry import RewardFn, register
+from rewards.registry import RewardEntry, RewardFn, register
 from rewards.types import RewardResult, RewardStatus
 
 pytestmark = pytest.mark.unit
@@ -21,7 +21,6 @@ SLACK_S = 0.5  # the issue's bound: a timeout returns within the limit plus 0.5 
 
 # Rewards that misbehave on purpose. The workers import this module (``imports=``),
 # which registers them there too.
-@register("_test_sleep")
 def _sleep_factory() -> RewardFn:
     def reward(response: str, reference: str) -> RewardResult:
         time.sleep(float(reference))
@@ -30,7 +29,6 @@ def _sleep_factory() -> RewardFn:
     return reward
 
 
-@register("_test_spin")
 def _spin_factory() -> RewardFn:
     def reward(response: str, reference: str) -> RewardResult:
         while True:  # pure Python, never yields: only a process kill stops it
@@ -39,7 +37,6 @@ def _spin_factory() -> RewardFn:
     return reward
 
 
-@register("_test_misbehave")
 def _misbehave_factory() -> RewardFn:
     def reward(response: str, reference: str) -> RewardResult:
         if response == "raise":
@@ -53,6 +50,11 @@ def _misbehave_factory() -> RewardFn:
         return RewardResult(1.0, RewardStatus.CORRECT, f"echo {response}")
 
     return reward
+
+
+register("_test_sleep", RewardEntry(_sleep_factory))
+register("_test_spin", RewardEntry(_spin_factory))
+register("_test_misbehave", RewardEntry(_misbehave_factory))
 
 
 def _pool(*names: str, workers: int = 2, **kwargs) -> ScoringPool:
