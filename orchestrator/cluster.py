@@ -78,7 +78,7 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
     for rank, bundle in enumerate(p.of("learner")):
         actors.learners.append(
             Learner.options(**placement.options_for(pg, bundle, share=share, env=env, max_concurrency=4)).remote(
-                model_path, cfg.learner, rank=rank, world_size=cfg.learner.num_workers,
+                model_path, cfg.learner, rank=rank, world_size=cfg.cluster.learner_workers, loss=cfg.loss,
                 temperature=cfg.rollout.temperature, groups_per_rank=cfg.groups_per_rank,
                 samples_per_prompt=cfg.grpo.samples_per_prompt, seed=cfg.run.seed,
             )
@@ -95,7 +95,7 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
             **placement.options_for(pg, bundle, share=share, env=env)
         ).remote(model_path, cfg.reference, temperature=cfg.rollout.temperature)
     Reward = ray.remote(RewardActor)
-    for i in range(cfg.cluster.num_reward_actors):
+    for i in range(cfg.cluster.reward_actors):
         actors.rewards.append(Reward.options(num_cpus=cfg.cluster.cpus_per_actor).remote(
             cfg.rewards, run_name=cfg.run.name, index=i))
     if cfg.rewards.reward_models:

@@ -45,10 +45,10 @@ def plan(cfg) -> PlacementPlan:
         bundles.append(BundlePlan(role, len(bundles), {k: v for k, v in resources.items() if v}))
 
     share = 2 if (cfg.use_reference and c.colocate_reference_with_learner) else 1
-    for _ in range(cfg.learner.num_workers):
+    for _ in range(cfg.cluster.learner_workers):
         add("learner", {"CPU": c.cpus_per_actor * share, "GPU": c.gpus_per_learner})
     tp = cfg.rollout.tensor_parallel_size
-    for _ in range(cfg.rollout.num_engines):
+    for _ in range(cfg.cluster.rollout_engines):
         add("rollout", {"CPU": c.cpus_per_actor, "GPU": c.gpus_per_rollout_engine * tp})
     if cfg.use_reference and not c.colocate_reference_with_learner:
         add("reference", {"CPU": c.cpus_per_actor, "GPU": c.gpus_per_reference})
@@ -71,7 +71,7 @@ def plan_inference(cluster, rollout) -> PlacementPlan:
     gpus = cluster.gpus_per_rollout_engine * rollout.tensor_parallel_size
     bundles = tuple(
         BundlePlan("rollout", i, {k: v for k, v in {"CPU": cluster.cpus_per_actor, "GPU": gpus}.items() if v})
-        for i in range(rollout.num_engines)
+        for i in range(cluster.rollout_engines)
     )
     return PlacementPlan(bundles, cluster.placement_strategy)
 
@@ -87,8 +87,8 @@ def create_placement_group(p: PlacementPlan, timeout_s: float = 300.0) -> Placem
                 need[k] = need.get(k, 0) + v
         raise RuntimeError(
             f"the cluster cannot place {len(p.bundles)} bundles needing {need} "
-            f"(available: {ray.available_resources()}); lower learner.num_workers / "
-            "rollout.num_engines or the per-actor resources in cluster.*"
+            f"(available: {ray.available_resources()}); lower cluster.learner_workers / "
+            "cluster.rollout_engines or the per-actor resources in cluster.*"
         )
     return pg
 

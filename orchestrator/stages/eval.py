@@ -207,7 +207,7 @@ def rewards_for(reward: str, rewards: RewardsConfig) -> RewardsConfig:
 
 def start_inference_actors(model_path: str, rollout: RolloutConfig, reward_sets: dict[str, RewardsConfig],
                            cluster: ClusterConfig) -> tuple[cluster_mod.StageActors, dict[str, list]]:
-    """Rollout engines in a placement group, and ``cluster.num_reward_actors`` reward
+    """Rollout engines in a placement group, and ``cluster.reward_actors`` reward
     actors per reward set. Returns the handles (``.shutdown()`` frees all) and the
     reward actors by set name."""
     from actors.reward import RewardActor
@@ -227,7 +227,7 @@ def start_inference_actors(model_path: str, rollout: RolloutConfig, reward_sets:
         for name, cfg in reward_sets.items():
             by_set[name] = [Reward.options(num_cpus=cluster.cpus_per_actor,
                                            runtime_env={"env_vars": env} if env else None).remote(cfg)
-                            for _ in range(cluster.num_reward_actors)]
+                            for _ in range(cluster.reward_actors)]
             actors.rewards.extend(by_set[name])
         ray.get([a.ready.remote() for a in actors.rollouts + actors.rewards])
     except BaseException:

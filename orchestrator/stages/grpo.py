@@ -272,11 +272,10 @@ def check_inputs(cfg: GRPOStageConfig) -> None:
     looks_local = model.is_absolute() or cfg.model.path.startswith(".") or cfg.model.path.count("/") != 1
     if looks_local and not model.exists():
         raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
-    for key in ("train_path", "test_path"):
-        path = getattr(cfg.data, key)
-        if path is not None and not Path(path).exists():
-            raise StageError(f"data.{key} {path} does not exist; make one with "
-                             f"`r1lab data make addition --out {Path(path).parent}`")
+    path = cfg.data.train_path
+    if not Path(path).exists():
+        raise StageError(f"data.train_path {path} does not exist; make one with "
+                         f"`r1lab data make addition --out {Path(path).parent}`")
 
 
 def check_kinds(rows: list[TaskRow], rewards) -> None:

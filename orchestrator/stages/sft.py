@@ -53,22 +53,22 @@ class Config(FrozenModel):
     model: ModelConfig
     data: SFTDataConfig
     sft: SFTConfig = SFTConfig()
-    learner: LearnerConfig = LearnerConfig(learning_rate=1e-5, kl_coef=0.0)
+    learner: LearnerConfig = LearnerConfig(learning_rate=1e-5)
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def model_post_init(self, __context) -> None:
-        per_rank, rem = divmod(self.sft.sequences_per_step, self.learner.num_workers)
+        per_rank, rem = divmod(self.sft.sequences_per_step, self.cluster.learner_workers)
         if rem or per_rank % self.sft.micro_batch_sequences:
             raise ValueError(
                 f"sft.sequences_per_step ({self.sft.sequences_per_step}) must be a multiple of "
-                f"learner.num_workers × sft.micro_batch_sequences "
-                f"({self.learner.num_workers} × {self.sft.micro_batch_sequences})"
+                f"cluster.learner_workers × sft.micro_batch_sequences "
+                f"({self.cluster.learner_workers} × {self.sft.micro_batch_sequences})"
             )
 
     @property
     def micro_batches_per_rank(self) -> int:
-        return self.sft.sequences_per_step // self.learner.num_workers // self.sft.micro_batch_sequences
+        return self.sft.sequences_per_step // self.cluster.learner_workers // self.sft.micro_batch_sequences
 
 
 def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...]]], int]:
@@ -120,12 +120,12 @@ def run(cfg: Config, progress=None) -> Path:
     total = steps_per_epoch * cfg.sft.epochs
 
     cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    plan = placement.plan_learners(cfg.learner.num_workers, cfg.cluster)
+    plan = placement.plan_learners(cfg.cluster.learner_workers, cfg.cluster)
     pg = placement.create_placement_group(plan)
     env = placement.actor_env()
     workers = [
         ray.remote(LearnerWorker).options(**placement.options_for(pg, b, env=env)).remote(
-            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.learner.num_workers, temperature=1.0,
+            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.cluster.learner_workers, temperature=1.0,
             groups_per_rank=1, samples_per_prompt=1, seed=cfg.run.seed,
             sft_micro_batch_sequences=cfg.sft.micro_batch_sequences,
             sft_micro_batches_per_step=cfg.micro_batches_per_rank)
@@ -146,7 +146,7 @@ def run(cfg: Config, progress=None) -> Path:
                 step += 1
                 t0 = time.monotonic()
                 batch = [examples[i] for i in order[k * cfg.sft.sequences_per_step:(k + 1) * cfg.sft.sequences_per_step]]
-                shards = _split(batch, cfg.learner.num_workers, cfg.sft.micro_batch_sequences)
+                shards = _split(batch, cfg.cluster.learner_workers, cfg.sft.micro_batch_sequences)
                 tokens = sum(len(r) for _, r in batch)
                 results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
                 nll = sum(r["nll_sum"] for r in results) / tokens

@@ -206,7 +206,7 @@ class Plan:
 
 def learner_memory(cfg, m: ModelShape) -> dict[str, int]:
     lc = cfg.learner
-    P, L, b = m.params, lc.num_workers, (2 if lc.dtype == "bf16" else 4)
+    P, L, b = m.params, cfg.cluster.learner_workers, (2 if lc.dtype == "bf16" else 4)
     z = lc.zero_stage
     weights = P * b // (L if z >= 3 else 1)
     grads = P * b // (L if z >= 2 else 1)
@@ -329,7 +329,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
         else:
             mem = reference_memory(cfg, m) if gpus else {}
             actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
-    actors += [Placed("reward", f"reward.{i}", -1, 0, (), {}) for i in range(cfg.cluster.num_reward_actors)]
+    actors += [Placed("reward", f"reward.{i}", -1, 0, (), {}) for i in range(cfg.cluster.reward_actors)]
 
     unplaced = [a for a in actors if a.node is None]
     if unplaced:
@@ -337,7 +337,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
         problems.append(
             f"{len(unplaced)} actor(s) ({', '.join(a.name for a in unplaced)}) find no room: the bundles need "
             f"{need:g} GPUs under {pp.strategy}, the cluster has {nodes * gpus_per_node} on {nodes} node(s); "
-            "add nodes, or lower learner.num_workers / rollout.num_engines / rollout.tensor_parallel_size"
+            "add nodes, or lower cluster.learner_workers / cluster.rollout_engines / rollout.tensor_parallel_size"
         )
     if gpus_per_node and not any(a.gpus for a in actors):
         notes.append("no actor asks for a GPU (cluster.gpus_per_* are 0): this config runs on CPUs")
@@ -372,7 +372,7 @@ def _memory_problems(cfg, plan: Plan) -> list[str]:
         if "learner" in names:
             lm = next(a for a in occ if a.role == "learner").memory
             if cfg.learner.zero_stage < 3 and lm["weights"] + lm["grads"] + lm["optimizer"] > cap / 4:
-                fixes.append("raise learner.zero_stage to 3 or add learner ranks (learner.num_workers)")
+                fixes.append("raise learner.zero_stage to 3 or add learner ranks (cluster.learner_workers)")
             if not cfg.learner.gradient_checkpointing and lm["activations"] > cap / 4:
                 fixes.append("set learner.gradient_checkpointing=true")
             if lm["logits"] > cap / 4:

@@ -40,7 +40,7 @@ from rewards.types import RewardResult, RewardStatus
 
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core machine can take seconds
 _REASON_CHARS = 300
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
