@@ -20,8 +20,8 @@ import ray
 from pydantic import Field
 
 from learner.config import LearnerConfig
-from orchestrator import cluster, placement
-from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, FrozenModel, dump_config
+from orchestrator import cluster
+from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig, dump_config
 from orchestrator.metrics import MetricsLogger
 from tasks.synthetic import read_jsonl
 from tasks.templates import render_prompt
@@ -103,8 +103,6 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
 def run(cfg: Config, progress=None) -> Path:
     from transformers import AutoTokenizer
 
-    from learner.worker import LearnerWorker
-
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -119,24 +117,14 @@ def run(cfg: Config, progress=None) -> Path:
         raise StageError(f"{len(examples)} examples are fewer than sft.sequences_per_step={cfg.sft.sequences_per_step}")
     total = steps_per_epoch * cfg.sft.epochs
 
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    plan = placement.plan_learners(cfg.cluster.learner_workers, cfg.cluster)
-    pg = placement.create_placement_group(plan)
-    env = placement.actor_env()
-    workers = [
-        ray.remote(LearnerWorker).options(**placement.options_for(pg, b, env=env)).remote(
-            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.cluster.learner_workers, temperature=1.0,
-            groups_per_rank=1, samples_per_prompt=1, seed=cfg.run.seed,
-            sft_micro_batch_sequences=cfg.sft.micro_batch_sequences,
-            sft_micro_batches_per_step=cfg.micro_batches_per_rank)
-        for b in plan.bundles
-    ]
+    learners = cluster.SFTLearners(cfg.learner, cfg.sft.micro_batch_sequences, cfg.micro_batches_per_rank)
+    actors = cluster.start(cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
+                                              learners=learners), roles=("learner",))
+    workers = actors.learners
     metrics = MetricsLogger(run_dir, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
                             project=cfg.logging.wandb_project, name=cfg.run.name)
     rng = random.Random(cfg.run.seed)
     try:
-        master = ray.get(workers[0].address.remote())
-        ray.get([w.setup.remote(*master) for w in workers])
         step = 0
         for epoch in range(cfg.sft.epochs):
             order = list(range(len(examples)))
@@ -162,9 +150,7 @@ def run(cfg: Config, progress=None) -> Path:
         tokenizer.save_pretrained(final)
     finally:
         metrics.close()
-        for w in workers:
-            ray.kill(w)
-        placement.remove_placement_group(pg)
+        actors.shutdown()
     return run_dir
 
 

@@ -1,7 +1,8 @@
 """``r1lab plan``: where every actor of a GRPO stage goes and what it holds in GPU memory.
 
-Nothing runs and nothing is downloaded: the bundles come from ``orchestrator.placement.plan``,
-the parameter count from the model's ``config.json`` (a local ``model.path``) or, for the
+Nothing runs and nothing is downloaded: the bundles, and which actor sits in which bundle
+with what share of it, come from ``orchestrator.placement.grpo_plan`` (what the ``grpo``
+stage starts); the parameter count from the model's ``config.json`` (a local ``model.path``) or, for the
 hub ids the shipped GPU recipes use, from the built-in ``KNOWN_MODELS`` table.
 
 Placement: bundles are packed in order onto ``NODES`` nodes of ``GPUS`` GPUs each, the way
@@ -305,32 +306,10 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
 
     Pure: reads the model's config.json (or the built-in table) and nothing else."""
     m = model or model_shape(cfg.model.path)
-    pp = placement.plan(cfg)
+    pp = placement.grpo_plan(cfg)
     spots, problems = _pack(pp.bundles, pp.strategy, nodes, gpus_per_node)
     notes: list[str] = []
-    colocate = cfg.use_reference and cfg.cluster.colocate_reference_with_learner
-    actors: list[Placed] = []
-    counters: dict[str, int] = {}
-    for bundle, (node, gpus) in zip(pp.bundles, spots, strict=True):
-        k = counters.get(bundle.role, 0)
-        counters[bundle.role] = k + 1
-        if bundle.role == "learner":
-            mem = learner_memory(cfg, m) if gpus else {}
-            actors.append(Placed("learner", f"learner.{k}", bundle.index, node, gpus[:1], mem))
-            if colocate and k == 0:
-                ref = reference_memory(cfg, m) if gpus else {}
-                actors.append(Placed("reference", "reference", bundle.index, node, gpus[:1], ref))
-        elif bundle.role == "rollout":
-            mem = rollout_memory(cfg, m, gpu_memory_bytes, len(gpus))
-            actors.append(Placed("rollout", f"rollout.{k}", bundle.index, node, gpus, mem))
-        elif bundle.role == "reward_model":
-            mem = reward_model_memory(cfg) if gpus else {}
-            actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
-        else:
-            mem = reference_memory(cfg, m) if gpus else {}
-            actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
-    actors += [Placed("reward", f"reward.{i}", -1, 0, (), {}) for i in range(cfg.cluster.reward_actors)]
-
+    actors = [_placed(cfg, m, a, spots, gpu_memory_bytes) for a in pp.actors]
     unplaced = [a for a in actors if a.node is None]
     if unplaced:
         need = sum(b.resources.get("GPU", 0) for b in pp.bundles)
@@ -345,6 +324,23 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
     plan = Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), (), tuple(notes))
     problems += _memory_problems(cfg, plan)
     return Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), tuple(problems), tuple(notes))
+
+
+def _placed(cfg, m: ModelShape, a: placement.ActorPlan, spots, gpu_memory_bytes: int) -> Placed:
+    """One actor of the placement plan on the GPUs its bundle was packed onto."""
+    if a.bundle is None:  # no bundle: floats free, no GPU
+        return Placed(a.role, a.name, -1, 0, (), {})
+    node, gpus = spots[a.bundle]
+    if a.role == "rollout":
+        return Placed(a.role, a.name, a.bundle, node, gpus, rollout_memory(cfg, m, gpu_memory_bytes, len(gpus)))
+    if a.role == "learner":
+        mem = learner_memory(cfg, m) if gpus else {}
+    elif a.role == "reward_model":
+        mem = reward_model_memory(cfg) if gpus else {}
+    else:
+        mem = reference_memory(cfg, m) if gpus else {}
+    # Learner and reference processes each use one GPU of their bundle (they share it when co-located).
+    return Placed(a.role, a.name, a.bundle, node, gpus[:1] if a.role in ("learner", "reference") else gpus, mem)
 
 
 def _memory_problems(cfg, plan: Plan) -> list[str]:
