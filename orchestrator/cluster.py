@@ -120,6 +120,10 @@ class StageParts:
         tp = self.rollout.tensor_parallel_size if self.rollout is not None else 1
         return placement.plan(self.cluster, roles, tensor_parallel_size=tp, reward_sets=max(1, len(self.reward_sets)))
 
+    def reward_set(self, index: int) -> str:
+        """The reward set of reward actor ``index``: consecutive pools of ``cluster.reward_actors``."""
+        return list(self.reward_sets)[index // self.cluster.reward_actors]
+
 
 # -- the actors -------------------------------------------------------------------------------
 
@@ -195,8 +199,8 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
     elif a.role == "reward_model":
         actors.reward_model = _remote(RewardModelActor).options(**opts).remote(
             parts.reward_models, run_name=parts.run_name, trust_remote_code=parts.trust_remote_code)
-    else:  # reward: consecutive pools of cluster.reward_actors, one per reward set
-        name = list(parts.reward_sets)[a.index // parts.cluster.reward_actors]
+    else:  # reward
+        name = parts.reward_set(a.index)
         handle = _remote(RewardActor).options(**opts).remote(parts.reward_sets[name], run_name=parts.run_name,
                                                              index=a.index)
         actors.rewards.append(handle)

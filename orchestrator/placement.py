@@ -148,6 +148,11 @@ def options_for(pg: PlacementGroup | None, actor: ActorPlan, *, env: dict[str, s
     return opts
 
 
+def control_options() -> dict[str, Any]:
+    """The run's control actor (``orchestrator.control``) only answers polls: no CPU reserved."""
+    return {"num_cpus": 0}
+
+
 def local_cpus(num_cpus: int | None) -> int:
     """CPUs of an embedded local cluster: ``cluster.num_cpus``, else this machine's."""
     return num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)

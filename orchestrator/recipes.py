@@ -1,4 +1,5 @@
-"""The ``pipeline`` stage: a YAML recipe chaining stages, each one's outputs feeding the next.
+"""Recipes: stages chained, each one's outputs feeding the next (the ``pipeline`` and
+``distill`` stages run them).
 
 Every step runs one stage with its own config file plus overrides, as run
 ``<pipeline run dir>/<step name>``. Overrides may refer to earlier steps' outputs:
@@ -57,7 +58,9 @@ class PipelineSection(FrozenModel):
         return steps
 
 
-class Config(FrozenModel):
+class PipelineConfig(FrozenModel):
+    """Everything the ``pipeline`` stage needs."""
+
     run: RunConfig = RunConfig(name="pipeline")
     pipeline: PipelineSection
     cluster: ClusterConfig = ClusterConfig()
@@ -70,7 +73,7 @@ def resolve(overrides: tuple[str, ...], root: Path) -> list[str]:
     return [REF.sub(sub, o) for o in overrides]
 
 
-def step_config(cfg: Config, step: PipelineStep):
+def step_config(cfg: PipelineConfig, step: PipelineStep):
     """The validated config of ``step`` with references, run name and output dir filled in."""
     from orchestrator.stages import load_stage
 
@@ -82,7 +85,8 @@ def step_config(cfg: Config, step: PipelineStep):
     return module, load_config(step.config, overrides, model=module.Config)
 
 
-def run(cfg: Config, progress=None) -> Path:
+def run(cfg: PipelineConfig, progress=None) -> Path:
+    """Run every step not completed before; returns the recipe's run directory."""
     from orchestrator import cluster
 
     root = cfg.run.dir
