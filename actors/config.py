@@ -8,13 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class RolloutConfig(BaseModel):
-    """Sampling and engine settings. Training samples at temperature 1 (the policy's own
-    distribution); evaluation uses the paper's T = 0.6, top-p = 0.95 (``EvalConfig``)."""
+    """Sampling and engine settings; how many engines is ``cluster.rollout_engines``.
+    Training samples at temperature 1 (the policy's own distribution); evaluation uses the
+    paper's T = 0.6, top-p = 0.95 (``EvalConfig``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     engine: Literal["vllm"] = "vllm"
-    num_engines: int = Field(default=1, ge=1, description="rollout actors (R)")
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=1024, ge=1)

@@ -1,4 +1,5 @@
-"""Learner configuration: the DeepSpeed group, the optimizer and the GRPO loss conventions."""
+"""Learner configuration: the DeepSpeed engine and optimizer (``LearnerConfig``), and the
+GRPO loss conventions (``GRPOLossConfig``, the ``loss`` section of a GRPO stage; SFT has none)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class LearnerConfig(BaseModel):
-    """Defaults follow DeepSeekMath's GRPO (ε = 0.2, β = 0.04, one update per batch);
-    the R1 paper names the algorithm but not these values."""
+    """The DeepSpeed engine and its optimizer; the rank count is ``cluster.learner_workers``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_workers: int = Field(default=1, ge=1, description="DeepSpeed data-parallel ranks (L)")
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["fp32", "bf16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = Field(
@@ -25,8 +24,21 @@ class LearnerConfig(BaseModel):
     adam_beta2: float = 0.99
     max_grad_norm: float = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
-    # GRPO loss (learner/grpo.py documents each convention).
+    micro_batch_groups: int = Field(default=1, ge=1, description="groups per forward/backward")
+    gradient_checkpointing: bool = False
+    weight_push_bucket_bytes: int = Field(default=64 * 2**20, ge=2**16)
+
+
+class GRPOLossConfig(BaseModel):
+    """The GRPO loss (``learner/grpo.py`` documents each convention). Defaults follow
+    DeepSeekMath's GRPO (ε = 0.2, β = 0.04, one update per batch); the R1 paper names the
+    algorithm but not these values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     kl_coef: float = Field(default=0.04, ge=0, description="β of eq. 1; 0 skips the reference model")
+    kl_log_ratio_clip: float = Field(
+        default=20.0, gt=0, description="|log π_ref/π| is clamped to this before the k3 exp (verl's value)")
     clip_eps_low: float = Field(default=0.2, gt=0, lt=1)
     clip_eps_high: float = Field(default=0.2, gt=0)
     advantage_std_ddof: Literal[0, 1] = 1
@@ -36,6 +48,3 @@ class LearnerConfig(BaseModel):
         "seq_mean_token_mean"
     )
     updates_per_batch: int = Field(default=1, ge=1, description="μ: optimisation passes per batch")
-    micro_batch_groups: int = Field(default=1, ge=1, description="groups per forward/backward")
-    gradient_checkpointing: bool = False
-    weight_push_bucket_bytes: int = Field(default=64 * 2**20, ge=2**16)

@@ -27,7 +27,7 @@ import torch
 
 from learner import grpo
 from learner.batch import ScoredGroup, TrainBatch, collate
-from learner.config import LearnerConfig
+from learner.config import GRPOLossConfig, LearnerConfig
 from learner.weight_sync import WeightSpec, create_group, free_port, node_ip, send_weights
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,16 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, config: LearnerConfig, *, rank: int, world_size: int,
                  temperature: float, groups_per_rank: int, samples_per_prompt: int,
-                 seed: int = 0, sft_micro_batch_sequences: int | None = None,
+                 loss: GRPOLossConfig | None = None, seed: int = 0,
+                 sft_micro_batch_sequences: int | None = None,
                  sft_micro_batches_per_step: int | None = None) -> None:
         """GRPO: a step is ``groups_per_rank`` groups of ``samples_per_prompt``, in
-        micro-batches of ``config.micro_batch_groups`` groups. SFT (``sft_step``): a step
-        is ``sft_micro_batches_per_step`` micro-batches of ``sft_micro_batch_sequences``."""
+        micro-batches of ``config.micro_batch_groups`` groups, under ``loss``. SFT
+        (``sft_step``, no ``loss``): a step is ``sft_micro_batches_per_step`` micro-batches
+        of ``sft_micro_batch_sequences``."""
         self.model_path = model_path
         self.config = config
+        self.loss = loss
         self.rank = rank
         self.world_size = world_size
         self.temperature = temperature
@@ -204,7 +207,9 @@ class LearnerWorker:
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, step: int) -> StepStats:
         """Consume ``groups_per_rank`` groups (as they arrive), update, return stats."""
-        cfg = self.config
+        if self.loss is None:
+            raise RuntimeError("this learner was built without a GRPO loss section (loss=...); it can only run sft_step")
+        cfg, loss = self.config, self.loss
         stats = StepStats()
         num_sequences = self.groups_per_rank * self.samples_per_prompt * self.world_size
         batches: list[TrainBatch] = []
@@ -219,16 +224,16 @@ class LearnerWorker:
                 batch = self._collate(pending)
                 pending = []
                 batches.append(batch)
-                if cfg.loss_aggregation != "token_mean":
+                if loss.loss_aggregation != "token_mean":
                     # Streaming: backward on each micro-batch as soon as it is complete.
                     t0 = time.monotonic()
                     self._backward(batch, stats, num_sequences, None, first_pass=True)
                     compute += time.monotonic() - t0
         t0 = time.monotonic()
         num_tokens = self._global_tokens(batches)
-        passes = range(cfg.updates_per_batch)
+        passes = range(loss.updates_per_batch)
         for p in passes:
-            streamed = p == 0 and cfg.loss_aggregation != "token_mean"
+            streamed = p == 0 and loss.loss_aggregation != "token_mean"
             if not streamed:
                 for batch in batches:
                     self._backward(batch, stats, num_sequences, num_tokens, first_pass=(p == 0))
@@ -241,7 +246,7 @@ class LearnerWorker:
 
     def _backward(self, batch: TrainBatch, stats: StepStats, num_sequences: int,
                   num_tokens: int | None, *, first_pass: bool) -> None:
-        cfg = self.config
+        loss_cfg = self.loss
         b = batch.to(self.device)
         logp = self._logprobs(b)  # [N, T]
         if first_pass:
@@ -251,9 +256,10 @@ class LearnerWorker:
             stats.gap_tokens += n_tok
         loss, m = grpo.grpo_loss(
             logp, b.old_logprobs, b.ref_logprobs, b.advantages, b.loss_mask,
-            beta=cfg.kl_coef, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-            agg_mode=cfg.loss_aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
-            max_tokens=int(b.loss_mask.shape[1]) if cfg.loss_aggregation == "seq_mean_token_sum_norm" else None,
+            beta=loss_cfg.kl_coef, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
+            agg_mode=loss_cfg.loss_aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
+            max_tokens=int(b.loss_mask.shape[1]) if loss_cfg.loss_aggregation == "seq_mean_token_sum_norm" else None,
+            kl_log_ratio_clip=loss_cfg.kl_log_ratio_clip,
         )
         if first_pass:
             stats.loss_tokens += float(m.token_count)
@@ -271,7 +277,7 @@ class LearnerWorker:
         return torch.nn.functional.pad(lp, (1, 0))  # [N, T], column 0 predicts nothing
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
-        cfg = self.config
+        cfg = self.loss
         advantages = [
             grpo.group_advantages(
                 torch.tensor(g.rewards, dtype=torch.float32)[None], std_ddof=cfg.advantage_std_ddof,

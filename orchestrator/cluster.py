@@ -1,14 +1,26 @@
-"""Connecting to Ray and starting the actors of a stage, as placement decides."""
+"""Connecting to Ray and starting the actors of any stage, as placement decides.
+
+``start(parts, roles)`` is the one way a stage gets actors: ``parts`` is what they are built
+from (the stage's config, cut to what actors read), ``roles`` which of them the stage
+needs. Resources and co-location come from ``orchestrator.placement``; nothing here sizes
+an actor.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ray
 
+from actors.config import ReferenceConfig, RolloutConfig
+from learner.config import GRPOLossConfig, LearnerConfig
 from orchestrator import placement
+from orchestrator.config import ClusterConfig
+from rewards.config import RewardModelSpec, RewardsConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +37,95 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     if target:
         ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
     else:
-        cpus = num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address="local", num_cpus=placement.local_cpus(num_cpus), runtime_env=runtime_env,
+                 log_to_driver=True)
 
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# -- what the actors are built from -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GRPOLearners:
+    """Learner ranks that train GRPO steps on groups fed to them while a step runs."""
+
+    config: LearnerConfig
+    loss: GRPOLossConfig
+    temperature: float  # the rollout's sampling temperature (log-probs are taken at it)
+    groups_per_rank: int
+    samples_per_prompt: int
+    max_concurrency: int = 4  # feed() must run while train_step() waits for groups
+
+    def actor_class(self) -> type:
+        from learner.worker import LearnerWorker
+
+        return LearnerWorker
+
+    def kwargs(self) -> dict:
+        return {"loss": self.loss, "temperature": self.temperature, "groups_per_rank": self.groups_per_rank,
+                "samples_per_prompt": self.samples_per_prompt}
+
+
+@dataclass(frozen=True)
+class SFTLearners:
+    """Learner ranks that take supervised steps of fixed-size micro-batches."""
+
+    config: LearnerConfig
+    micro_batch_sequences: int
+    micro_batches_per_step: int
+    max_concurrency: int | None = None
+
+    def actor_class(self) -> type:
+        from learner.worker import LearnerWorker
+
+        return LearnerWorker
+
+    def kwargs(self) -> dict:
+        return {"temperature": 1.0, "groups_per_rank": 1, "samples_per_prompt": 1,
+                "sft_micro_batch_sequences": self.micro_batch_sequences,
+                "sft_micro_batches_per_step": self.micro_batches_per_step}
+
+
+@dataclass(frozen=True)
+class StageParts:
+    """What a stage's actors are built from. ``reward_sets``: one pool of
+    ``cluster.reward_actors`` reward actors per named reward set."""
+
+    model_path: str
+    cluster: ClusterConfig
+    run_name: str = ""
+    seed: int = 0
+    trust_remote_code: bool = False
+    rollout: RolloutConfig | None = None
+    reference: ReferenceConfig | None = None
+    learners: GRPOLearners | SFTLearners | None = None
+    reward_sets: Mapping[str, RewardsConfig] = field(default_factory=dict)
+    reward_models: tuple[RewardModelSpec, ...] = ()
+
+    @classmethod
+    def for_grpo(cls, cfg) -> StageParts:
+        """From a ``GRPOStageConfig``."""
+        learners = GRPOLearners(cfg.learner, cfg.loss, cfg.rollout.temperature, cfg.groups_per_rank,
+                                cfg.grpo.samples_per_prompt)
+        return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
+                   trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
+                   learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models)
+
+    def plan(self, roles: Sequence[str]) -> placement.PlacementPlan:
+        tp = self.rollout.tensor_parallel_size if self.rollout is not None else 1
+        return placement.plan(self.cluster, roles, tensor_parallel_size=tp, reward_sets=max(1, len(self.reward_sets)))
+
+    def reward_set(self, index: int) -> str:
+        """The reward set of reward actor ``index``: consecutive pools of ``cluster.reward_actors``."""
+        return list(self.reward_sets)[index // self.cluster.reward_actors]
+
+
+# -- the actors -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -43,6 +136,7 @@ class StageActors:
     learners: list = field(default_factory=list)
     rollouts: list = field(default_factory=list)
     rewards: list = field(default_factory=list)
+    reward_sets: dict[str, list] = field(default_factory=dict)  # set name -> its reward actors
     reference: object | None = None
     reward_model: object | None = None
 
@@ -55,61 +149,72 @@ class StageActors:
         optional = [a for a in (self.reference, self.reward_model) if a is not None]
         for a in self.learners + self.rollouts + self.rewards + optional:
             ray.kill(a)
-        placement.remove_placement_group(self.pg)
+        placement.release(self.pg)
 
 
-def start_grpo_actors(cfg, model_path: str) -> StageActors:
-    """Learner group, rollout engines, reward actors, (if β > 0) the reference actor and
-    (if reward models are configured) the reward-model actor."""
+def start(parts: StageParts, roles: Sequence[str]) -> StageActors:
+    """Start the actors of ``roles`` where ``placement`` puts them (connecting to Ray first
+    if need be); learner ranks form their group and every actor is ready on return. On
+    failure, what started is stopped."""
+    if "reward" in roles and not parts.reward_sets:
+        raise ValueError("the reward role needs at least one reward set (StageParts.reward_sets)")
+    connect(parts.cluster.address, num_cpus=parts.cluster.num_cpus)
+    p = parts.plan(roles)
+    actors = StageActors(pg=placement.create_placement_group(p))
+    try:
+        env = placement.actor_env()
+        for a in p.actors:
+            _start_actor(parts, a, placement.options_for(actors.pg, a, env=env), actors)
+        _wait_ready(actors)
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors
+
+
+@functools.cache
+def _remote(cls: type):
+    return ray.remote(cls)
+
+
+def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: StageActors) -> None:
     from actors.reference import ReferenceActor
     from actors.reward import RewardActor
     from actors.reward_model import RewardModelActor
     from actors.rollout import RolloutActor
-    from learner.worker import LearnerWorker
 
-    p = placement.plan(cfg)
-    pg = placement.create_placement_group(p)
-    env = placement.actor_env()
-    actors = StageActors(pg=pg)
-    colocate = cfg.use_reference and cfg.cluster.colocate_reference_with_learner
-    share = 0.5 if colocate else 1.0
+    if a.role == "learner":
+        spec = parts.learners
+        if spec.max_concurrency is not None:
+            opts = {**opts, "max_concurrency": spec.max_concurrency}
+        actors.learners.append(_remote(spec.actor_class()).options(**opts).remote(
+            parts.model_path, spec.config, rank=a.index, world_size=parts.cluster.learner_workers,
+            seed=parts.seed, **spec.kwargs()))
+    elif a.role == "rollout":
+        actors.rollouts.append(_remote(RolloutActor).options(**opts).remote(
+            parts.model_path, parts.rollout, a.index, run_name=parts.run_name))
+    elif a.role == "reference":
+        actors.reference = _remote(ReferenceActor).options(**opts).remote(
+            parts.model_path, parts.reference, temperature=parts.rollout.temperature)
+    elif a.role == "reward_model":
+        actors.reward_model = _remote(RewardModelActor).options(**opts).remote(
+            parts.reward_models, run_name=parts.run_name, trust_remote_code=parts.trust_remote_code)
+    else:  # reward
+        name = parts.reward_set(a.index)
+        handle = _remote(RewardActor).options(**opts).remote(parts.reward_sets[name], run_name=parts.run_name,
+                                                             index=a.index)
+        actors.rewards.append(handle)
+        actors.reward_sets.setdefault(name, []).append(handle)
 
-    Learner = ray.remote(LearnerWorker)
-    for rank, bundle in enumerate(p.of("learner")):
-        actors.learners.append(
-            Learner.options(**placement.options_for(pg, bundle, share=share, env=env, max_concurrency=4)).remote(
-                model_path, cfg.learner, rank=rank, world_size=cfg.learner.num_workers,
-                temperature=cfg.rollout.temperature, groups_per_rank=cfg.groups_per_rank,
-                samples_per_prompt=cfg.grpo.samples_per_prompt, seed=cfg.run.seed,
-            )
-        )
-    Rollout = ray.remote(RolloutActor)
-    for i, bundle in enumerate(p.of("rollout")):
-        actors.rollouts.append(
-            Rollout.options(**placement.options_for(pg, bundle, env=env)).remote(
-                model_path, cfg.rollout, i, run_name=cfg.run.name)
-        )
-    if cfg.use_reference:
-        bundle = p.of("learner")[0] if colocate else p.of("reference")[0]
-        actors.reference = ray.remote(ReferenceActor).options(
-            **placement.options_for(pg, bundle, share=share, env=env)
-        ).remote(model_path, cfg.reference, temperature=cfg.rollout.temperature)
-    Reward = ray.remote(RewardActor)
-    for i in range(cfg.cluster.num_reward_actors):
-        actors.rewards.append(Reward.options(num_cpus=cfg.cluster.cpus_per_actor).remote(
-            cfg.rewards, run_name=cfg.run.name, index=i))
-    if cfg.rewards.reward_models:
-        actors.reward_model = ray.remote(RewardModelActor).options(
-            **placement.options_for(pg, p.of("reward_model")[0], env=env)
-        ).remote(cfg.rewards.reward_models, run_name=cfg.run.name, trust_remote_code=cfg.model.trust_remote_code)
 
-    master = ray.get(actors.learners[0].address.remote())
-    sizes = ray.get([w.setup.remote(*master) for w in actors.learners])
-    log.info("learner group of %d ranks ready (%d parameters)", len(sizes), sizes[0])
+def _wait_ready(actors: StageActors) -> None:
+    if actors.learners:
+        master = ray.get(actors.learners[0].address.remote())
+        sizes = ray.get([w.setup.remote(*master) for w in actors.learners])
+        log.info("learner group of %d ranks ready (%d parameters)", len(sizes), sizes[0])
     others = [a.ready.remote() for a in actors.rollouts + actors.rewards]
     others += [a.ready.remote() for a in (actors.reference, actors.reward_model) if a is not None]
     ray.get(others)
-    return actors
 
 
 def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int) -> None:

@@ -1,8 +1,9 @@
 """Stage configuration: per-package models composed into one, loaded from YAML.
 
 ``load_config(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides
-(values parsed as YAML: ``learner.kl_coef=0``, ``run.name=exp1``), and validates. Any
-error names the field and how to fix it, before any actor starts.
+(values parsed as YAML: ``loss.kl_coef=0``, ``run.name=exp1``), and validates. Any
+error names the field and how to fix it, before any actor starts; a setting that moved
+or was removed (``RETIRED``) is named with its new place or what to do instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.config import ReferenceConfig, RolloutConfig
-from learner.config import LearnerConfig
+from learner.config import GRPOLossConfig, LearnerConfig
 from rewards.config import RewardsConfig
 
 
@@ -45,7 +46,6 @@ class ModelConfig(_Frozen):
 
 class DataConfig(_Frozen):
     train_path: Path = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder")
-    test_path: Path | None = None
     split: str | None = Field(default=None, description="the split to read from a path that holds several "
                               "(a saved DatasetDict, or a folder of train.parquet, test.jsonl, ...)")
     prompt_key: str = "prompt"
@@ -74,20 +74,23 @@ class GRPOConfig(_Frozen):
         default=0, ge=0, description="how many steps generation may run ahead; 0 = on-policy"
     )
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = only the final one")
-    eval_every_steps: int = Field(default=0, ge=0)
 
 
 class ClusterConfig(_Frozen):
-    """Where actors go. Resource numbers live here and in orchestrator/placement.py only."""
+    """How many actors of each role, and their resources. These numbers are read by
+    orchestrator/placement.py only; a stage uses the counts of the roles it starts."""
 
     address: str | None = Field(default=None, description="Ray address; None = RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs for an embedded local cluster")
+    learner_workers: int = Field(default=1, ge=1, description="DeepSpeed data-parallel ranks (L)")
+    rollout_engines: int = Field(default=1, ge=1, description="rollout actors (R), each of "
+                                 "rollout.tensor_parallel_size GPUs")
+    reward_actors: int = Field(default=1, ge=1, description="reward actors (W) per reward set")
     gpus_per_rollout_engine: float = Field(default=0, ge=0)
     gpus_per_learner: float = Field(default=0, ge=0)
     gpus_per_reference: float = Field(default=0, ge=0)
     gpus_per_reward_model: float = Field(default=0, ge=0, description="for rewards.reward_models (§2.3.4)")
     cpus_per_actor: float = Field(default=0.5, gt=0)
-    num_reward_actors: int = Field(default=1, ge=1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     colocate_reference_with_learner: bool = True
 
@@ -95,7 +98,6 @@ class ClusterConfig(_Frozen):
 class LoggingConfig(_Frozen):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "r1lab"
-    log_samples_every_steps: int = Field(default=10, ge=0)
     progress: bool = True
 
 
@@ -116,16 +118,17 @@ class GRPOStageConfig(_Frozen):
     rollout: RolloutConfig = RolloutConfig()
     reference: ReferenceConfig = ReferenceConfig()
     learner: LearnerConfig = LearnerConfig()
+    loss: GRPOLossConfig = GRPOLossConfig()
     rewards: RewardsConfig = RewardsConfig()
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOStageConfig:
-        b, l, m = self.grpo.prompts_per_step, self.learner.num_workers, self.learner.micro_batch_groups
+        b, l, m = self.grpo.prompts_per_step, self.cluster.learner_workers, self.learner.micro_batch_groups
         if b % l:
             raise ValueError(
-                f"grpo.prompts_per_step ({b}) must be a multiple of learner.num_workers ({l}) "
+                f"grpo.prompts_per_step ({b}) must be a multiple of cluster.learner_workers ({l}) "
                 "so every rank trains on the same number of groups"
             )
         if (b // l) % m:
@@ -137,15 +140,77 @@ class GRPOStageConfig(_Frozen):
 
     @property
     def groups_per_rank(self) -> int:
-        return self.grpo.prompts_per_step // self.learner.num_workers
+        return self.grpo.prompts_per_step // self.cluster.learner_workers
 
     @property
     def use_reference(self) -> bool:
-        return self.learner.kl_coef > 0
+        return self.loss.kl_coef > 0
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says where and how to fix it."""
+
+
+# Settings that moved (old key -> new key) or were removed (key -> what to do instead).
+# Checked before validation, in the file and in overrides, so an old config fails with
+# the new name rather than "unknown setting".
+_LOSS_FIELDS = ("kl_coef", "clip_eps_low", "clip_eps_high", "advantage_std_ddof", "advantage_eps",
+                "scale_advantages_by_std", "loss_aggregation", "updates_per_batch")
+MOVED: dict[str, str] = {
+    "learner.num_workers": "cluster.learner_workers",
+    "rollout.num_engines": "cluster.rollout_engines",
+    "cluster.num_reward_actors": "cluster.reward_actors",
+    **{f"learner.{name}": f"loss.{name}" for name in _LOSS_FIELDS},
+}
+REMOVED: dict[str, str] = {
+    "grpo.eval_every_steps": "no evaluation ever ran during training; delete it and evaluate the "
+    "checkpoint with the eval stage (`r1lab run eval`, or an eval step in a pipeline)",
+    "logging.log_samples_every_steps": "no samples were ever logged; delete it (the eval and sample "
+    "stages write every completion: samples.jsonl, sft.jsonl)",
+    "data.test_path": "no stage read it; delete it and give held-out data to the eval stage "
+    "(eval.benchmarks)",
+}
+
+
+def _has_setting(model: type[BaseModel], key: str) -> bool:
+    section, _, name = key.partition(".")
+    field = model.model_fields.get(section)
+    sub = field.annotation if field is not None else None
+    return isinstance(sub, type) and issubclass(sub, BaseModel) and name in sub.model_fields
+
+
+def retired_message(key: str, model: type[BaseModel]) -> str | None:
+    """What to do about ``key`` if it moved or was removed (only where ``model`` has its old
+    section); None for any other key."""
+    section = key.partition(".")[0]
+    if section not in model.model_fields:
+        return None
+    if key in MOVED:
+        new = MOVED[key]
+        if _has_setting(model, new):
+            return f"{key} moved to {new}"
+        return f"{key} moved to {new}, which this stage does not have (a grpo setting): delete it"
+    if key in REMOVED:
+        return f"{key} was removed: {REMOVED[key]}"
+    return None
+
+
+def check_retired(raw: dict[str, Any], overrides: list[str], model: type[BaseModel], source: str) -> None:
+    """Refuse moved or removed settings in the file and in ``key=value`` overrides."""
+    lines = []
+    for key in (*MOVED, *REMOVED):
+        section, _, name = key.partition(".")
+        msg = retired_message(key, model)
+        if msg and isinstance(raw.get(section), dict) and name in raw[section]:
+            lines.append(f"  {msg}")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        msg = retired_message(key, model)
+        if msg:
+            fix = f"; write {MOVED[key]}={value}" if key in MOVED and _has_setting(model, MOVED[key]) else ""
+            lines.append(f"  override {item!r}: {msg}{fix}")
+    if lines:
+        raise ConfigError(f"config {source} uses settings that moved or were removed:\n" + "\n".join(lines))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -207,7 +272,8 @@ def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
             if e["type"] == "extra_forbidden":
-                lines.append(f"  {where}: unknown setting (check its spelling and section)")
+                retired = retired_message(where, model)
+                lines.append(f"  {retired}" if retired else f"  {where}: unknown setting (check its spelling and section)")
             elif not e["loc"]:
                 lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             elif e["type"] == "missing":
@@ -218,7 +284,9 @@ def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
 
 
 def load_config(path: Path, overrides: list[str] | None = None, model: type[BaseModel] = GRPOStageConfig) -> Any:
-    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw = read_yaml(path)
+    check_retired(raw, list(overrides or []), model, str(path))
+    raw = apply_overrides(raw, list(overrides or []))
     return validate(model, raw, str(path))
 
 

@@ -43,8 +43,10 @@ def actor_name(run: str) -> str:
 def start_control(run: str):
     import ray
 
+    from orchestrator import placement
+
     return ray.remote(RunControl).options(
-        name=actor_name(run), namespace=NAMESPACE, get_if_exists=True, num_cpus=0
+        name=actor_name(run), namespace=NAMESPACE, get_if_exists=True, **placement.control_options()
     ).remote()
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 STAGES = {
@@ -19,6 +20,9 @@ STAGES = {
     "distill": "orchestrator.stages.distill",
     "pipeline": "orchestrator.stages.pipeline",
 }
+
+
+Progress = Callable[[int, int, str], None]  # progress(done, total, info)
 
 
 class StageError(ValueError):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from orchestrator.config import ClusterConfig, RunConfig, FrozenModel
-from orchestrator.stages import pipeline
+from orchestrator import recipes
+from orchestrator.config import ClusterConfig, FrozenModel, RunConfig
 
 
 class DistillSection(FrozenModel):
@@ -31,20 +31,20 @@ class Config(FrozenModel):
     cluster: ClusterConfig = ClusterConfig()
 
 
-def as_pipeline(cfg: Config) -> pipeline.Config:
+def as_pipeline(cfg: Config) -> recipes.PipelineConfig:
     d = cfg.distill
     steps = (
-        pipeline.PipelineStep(name="teacher_samples", stage="sample", config=d.sample_config,
-                              overrides=(f"model.path={d.teacher}", *d.sample_overrides)),
-        pipeline.PipelineStep(name="student", stage="sft", config=d.sft_config,
-                              overrides=(f"model.path={d.student}", "data.train_path=${teacher_samples.dataset}",
-                                         "data.template=none", *d.sft_overrides)),
+        recipes.PipelineStep(name="teacher_samples", stage="sample", config=d.sample_config,
+                             overrides=(f"model.path={d.teacher}", *d.sample_overrides)),
+        recipes.PipelineStep(name="student", stage="sft", config=d.sft_config,
+                             overrides=(f"model.path={d.student}", "data.train_path=${teacher_samples.dataset}",
+                                        "data.template=none", *d.sft_overrides)),
     )
-    return pipeline.Config(run=cfg.run, pipeline=pipeline.PipelineSection(steps=steps), cluster=cfg.cluster)
+    return recipes.PipelineConfig(run=cfg.run, pipeline=recipes.PipelineSection(steps=steps), cluster=cfg.cluster)
 
 
 def run(cfg: Config, progress=None) -> Path:
-    run_dir = pipeline.run(as_pipeline(cfg), progress=progress)
+    run_dir = recipes.run(as_pipeline(cfg), progress=progress)
     final = run_dir / "final"
     if not final.exists():
         final.symlink_to(Path("student") / "final", target_is_directory=True)

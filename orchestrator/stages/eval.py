@@ -9,9 +9,10 @@ Per benchmark, as the driver sees it:
                 final answers, equivalent answers voting together), unbiased pass@k
 
 The estimators are in ``evaluation/estimators.py``. ``evaluate_checkpoint`` is the
-same work as a function for other stages (``demo``, ``pipeline``): it starts its own
-rollout and reward actors on the connected cluster, evaluates, and kills them, so one
-driver can evaluate several checkpoints without restarting Ray.
+same work as a function for other callers (``r1lab demo``): it starts its own rollout
+and reward actors on the connected cluster (``orchestrator.cluster.start``), evaluates
+(``orchestrator.streaming.collect``), and kills them, so one driver can evaluate several
+checkpoints without restarting Ray.
 
 What votes in cons@k is each reward's own (``rewards.registry``: the final answer for
 math rewards, equivalent answers voting together; the ``<answer>`` text for
@@ -24,29 +25,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import ray
 from pydantic import Field, field_validator, model_validator
 
 from actors.config import RolloutConfig
-from actors.rollout import PromptItem
+from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
 from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
-from orchestrator import placement
-from tasks.benchmarks import FORMATS, Benchmark, load_benchmark
-from orchestrator.config import FrozenModel, ClusterConfig, LoggingConfig, ModelConfig, RunConfig, check_room_for_prompt, dump_config
-from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
+from orchestrator import inputs, streaming
+from orchestrator.config import (
+    ClusterConfig,
+    FrozenModel,
+    LoggingConfig,
+    ModelConfig,
+    RunConfig,
+    check_room_for_prompt,
+    dump_config,
+)
+from orchestrator.stages import Progress
 from evaluation.vote import same_vote, vote_key
-from tasks.templates import render_prompt
-from rewards.config import RewardsConfig, RewardSpec
+from rewards.config import RewardsConfig
+from tasks.benchmarks import FORMATS, Benchmark, load_benchmark
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -186,93 +191,6 @@ class EvalResult:
         raise KeyError(f"no benchmark {name!r}; have {[b.name for b in self.benchmarks]}")
 
 
-# -- actors (shared with the sample stage) -------------------------------------------------------
-
-
-def rewards_for(reward: str, rewards: RewardsConfig) -> RewardsConfig:
-    """The reward set that grades a benchmark: its accuracy reward (with the options
-    ``rewards`` gives it, if it names it) plus ``rewards``' format reward."""
-    specs = {s.name: s for s in rewards.rewards}
-    # A benchmark is graded by its reward whatever prompt types a training config gave it.
-    chosen = [specs.get(reward, RewardSpec(name=reward)).model_copy(update={"kinds": None})]
-    fmt = rewards.format_reward if rewards.format_reward != reward else None
-    if fmt is not None:
-        chosen.append(specs[fmt].model_copy(update={"kinds": None}))
-    return RewardsConfig(rewards=tuple(chosen), accuracy_reward=reward, format_reward=fmt,
-                         workers=rewards.workers, timeout_s=rewards.timeout_s)
-
-
-def start_inference_actors(model_path: str, rollout: RolloutConfig, reward_sets: dict[str, RewardsConfig],
-                           cluster: ClusterConfig) -> tuple[cluster_mod.StageActors, dict[str, list]]:
-    """Rollout engines in a placement group, and ``cluster.num_reward_actors`` reward
-    actors per reward set. Returns the handles (``.shutdown()`` frees all) and the
-    reward actors by set name."""
-    from actors.reward import RewardActor
-    from actors.rollout import RolloutActor
-
-    plan = placement.plan_inference(cluster, rollout)
-    pg = placement.create_placement_group(plan)
-    env = placement.actor_env()
-    actors = cluster_mod.StageActors(pg=pg)
-    try:
-        Rollout = ray.remote(RolloutActor)
-        for i, bundle in enumerate(plan.of("rollout")):
-            actors.rollouts.append(
-                Rollout.options(**placement.options_for(pg, bundle, env=env)).remote(model_path, rollout, i))
-        Reward = ray.remote(RewardActor)
-        by_set: dict[str, list] = {}
-        for name, cfg in reward_sets.items():
-            by_set[name] = [Reward.options(num_cpus=cluster.cpus_per_actor,
-                                           runtime_env={"env_vars": env} if env else None).remote(cfg)
-                            for _ in range(cluster.num_reward_actors)]
-            actors.rewards.extend(by_set[name])
-        ray.get([a.ready.remote() for a in actors.rollouts + actors.rewards])
-    except BaseException:
-        actors.shutdown()
-        raise
-    return actors, by_set
-
-
-def tokenize(questions: Sequence[str], references: Sequence[str], tokenizer, template: str) -> list[PromptItem]:
-    items = []
-    for i, (q, ref) in enumerate(zip(questions, references, strict=True)):
-        ids = tokenizer(render_prompt(q, template, tokenizer), add_special_tokens=False)["input_ids"]
-        items.append(PromptItem(i, tuple(ids), ref))
-    return items
-
-
-def check_lengths(items: Sequence[PromptItem], max_new_tokens: int, max_model_len: int, what: str) -> None:
-    longest = max(len(p.prompt_ids) for p in items)
-    if longest + max_new_tokens > max_model_len:
-        raise ValueError(f"{what}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
-                         f"exceeds rollout.max_model_len ({max_model_len}); raise rollout.max_model_len "
-                         "or lower max_new_tokens")
-
-
-def generate_scored(engines: Sequence, reward_actors: Sequence, items: Sequence[PromptItem],
-                    samples_per_prompt: int, *, temperature: float, top_p: float, max_new_tokens: int,
-                    on_group: Callable[[], None] | None = None) -> list[ScoredGroup]:
-    """k completions per prompt from the engines, each group graded as it finishes;
-    returned in prompt order."""
-    chunks = [items[i :: len(engines)] for i in range(len(engines))]
-    pending = [e.stream_groups.options(num_returns="streaming").remote(
-        c, samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        for e, c in zip(engines, chunks, strict=True) if c]
-    scored_refs = []
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        try:
-            group_ref = next(ready[0])
-        except StopIteration:
-            continue
-        pending.append(ready[0])
-        scored_refs.append(reward_actors[len(scored_refs) % len(reward_actors)].score.remote(group_ref))
-        if on_group is not None:
-            on_group()
-    scored = ray.get(scored_refs)
-    if len(scored) != len(items):
-        raise RuntimeError(f"{len(scored)} groups came back for {len(items)} prompts")
-    return sorted(scored, key=lambda s: s.group.prompt_index)
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -335,13 +253,14 @@ def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Seque
     cluster_mod.connect(cluster.address, num_cpus=cluster.num_cpus)
     max_new = settings.max_new_tokens or rollout.max_new_tokens
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = {b.name: tokenize([r.prompt for r in b.rows], [r.reference for r in b.rows], tokenizer,
-                                settings.template) for b in benchmarks}
+    prompts = {b.name: inputs.tokenize([r.prompt for r in b.rows], [r.reference for r in b.rows], tokenizer,
+                                       settings.template) for b in benchmarks}
     for b in benchmarks:
-        check_lengths(prompts[b.name], max_new, rollout.max_model_len, f"benchmark {b.name}")
-    reward_sets = {b.reward: rewards_for(b.reward, rewards) for b in benchmarks}
+        inputs.check_lengths(prompts[b.name], max_new, rollout.max_model_len, f"benchmark {b.name}")
+    reward_sets = {b.reward: inputs.rewards_for(b.reward, rewards) for b in benchmarks}
     total, done = sum(len(b.rows) for b in benchmarks), 0
-    actors, graders = start_inference_actors(model_path, rollout, reward_sets, cluster)
+    parts = cluster_mod.StageParts(model_path, cluster, rollout=rollout, reward_sets=reward_sets)
+    actors = cluster_mod.start(parts, roles=("rollout", "reward"))
     results = []
     try:
         for b in benchmarks:
@@ -351,9 +270,10 @@ def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Seque
                 if progress is not None:
                     progress(done, total, f"{name}: sampling")
 
-            groups = generate_scored(actors.rollouts, graders[b.reward], prompts[b.name], settings.samples_per_prompt,
-                                     temperature=settings.temperature, top_p=settings.top_p,
-                                     max_new_tokens=max_new, on_group=tick)
+            groups = streaming.collect(actors.rollouts, streaming.Scoring(actors.reward_sets[b.reward]),
+                                       prompts[b.name], settings.samples_per_prompt, on_group=tick,
+                                       temperature=settings.temperature, top_p=settings.top_p,
+                                       max_new_tokens=max_new)
             result = score_benchmark(b, groups, settings, reward_sets[b.reward])
             log.info("%s: pass@1 %.3f cons@%d %.3f", b.name, result.pass_at_1, result.k, result.cons_at_k)
             if progress is not None:
@@ -401,22 +321,10 @@ def write_results(result: EvalResult, run_dir: Path, *, samples: bool = True) ->
     return path
 
 
-def check_inputs(model_path: str, paths: Sequence[Path]) -> None:
-    from orchestrator.stages import StageError
-
-    model = Path(model_path)
-    looks_local = model.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
-    if looks_local and not model.exists():
-        raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
-    for p in paths:
-        if not Path(p).exists():
-            raise StageError(f"benchmark file {p} does not exist; make the synthetic one with "
-                             f"`r1lab data make addition --out {Path(p).parent}`")
-
-
 def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
     """Run the stage; returns the run directory (``results.json``, ``samples.jsonl``)."""
-    check_inputs(cfg.model.path, [s.path for s in cfg.eval.benchmarks])
+    inputs.check_model(cfg.model.path)
+    inputs.check_files([s.path for s in cfg.eval.benchmarks], "benchmark file")
     try:
         benchmarks = load_benchmarks(cfg.eval, cfg.rewards)
     except ValueError as err:  # a bad row, named in the message

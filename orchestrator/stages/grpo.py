@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -29,7 +28,7 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.worker import StepStats
-from orchestrator import cluster
+from orchestrator import cluster, inputs, placement, streaming
 from orchestrator.config import GRPOStageConfig, dump_config
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import TaskRow, load_rows
@@ -94,14 +93,6 @@ def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[Prom
     return items
 
 
-@dataclass
-class _Launch:
-    """One step's generation, in flight."""
-
-    streams: list
-    started: float
-
-
 class GRPOTrainer:
     def __init__(self, cfg: GRPOStageConfig) -> None:
         from transformers import AutoTokenizer
@@ -125,13 +116,13 @@ class GRPOTrainer:
         except ValueError as err:
             raise StageError(f"{cfg.data.train_path}: {err}") from None
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-        self.actors = cluster.start_grpo_actors(cfg, cfg.model.path)
+        self.actors = cluster.start(cluster.StageParts.for_grpo(cfg), placement.grpo_roles(cfg))
         backend = ray.get(self.actors.learners[0].collective_backend.remote())
         cluster.init_weight_push(self.actors, backend, cfg.rollout.tensor_parallel_size)
+        self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
         self.telemetry = Telemetry(cfg.run.name, "driver")
         self.version = 0
-        self.launched: deque[_Launch] = deque()
-        self._fed = 0
+        self.launched: deque[streaming.Launch] = deque()
 
     # -- the algorithm --------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -148,35 +139,17 @@ class GRPOTrainer:
         """Start generation for this step and up to ``up_to_ahead`` steps beyond it."""
         while len(self.launched) <= up_to_ahead:
             prompts = self.sampler.next(self.cfg.grpo.prompts_per_step)
-            engines = self.actors.rollouts
-            chunks = [prompts[i :: len(engines)] for i in range(len(engines))]
-            streams = [
-                e.stream_groups.options(num_returns="streaming").remote(c, self.cfg.grpo.samples_per_prompt)
-                for e, c in zip(engines, chunks, strict=True) if c
-            ]
-            self.launched.append(_Launch(streams, time.monotonic()))
+            self.launched.append(streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt))
 
-    def stream_into_learners(self, launch: _Launch) -> float:
-        """Route each finished group through reward (and reference) to a learner rank."""
-        a = self.actors
-        pending = list(launch.streams)
+    def stream_into_learners(self, launch: streaming.Launch) -> float:
+        """Route each finished group through scoring to a learner rank (round robin)."""
+        learners = self.actors.learners
         depth = {}  # learner rank -> ObjectRef of its inbox size after the last feed
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            stream = ready[0]
-            try:
-                group_ref = next(stream)
-            except StopIteration:
-                continue
-            pending.append(stream)
-            scored = a.rewards[self._fed % len(a.rewards)].score.remote(group_ref)
-            if a.reward_model is not None:
-                scored = a.reward_model.score.remote(scored)
-            if a.reference is not None:
-                scored = a.reference.add_ref_logprobs.remote(scored)
-            rank = self._fed % len(a.learners)
-            depth[rank] = a.learners[rank].feed.remote([scored])
-            self._fed += 1
+
+        def feed(i: int, scored: ray.ObjectRef) -> None:
+            depth[i % len(learners)] = learners[i % len(learners)].feed.remote([scored])
+
+        streaming.route(launch, self.scoring, feed)
         # Groups queued at the learners when generation finished (not yet trained on).
         self.telemetry.set("buffer_groups", sum(ray.get(list(depth.values()))))
         return time.monotonic() - launch.started
@@ -265,18 +238,8 @@ Config = GRPOStageConfig
 
 def check_inputs(cfg: GRPOStageConfig) -> None:
     """Fail before any actor starts when the model or data is missing."""
-    from orchestrator.stages import StageError
-
-    model = Path(cfg.model.path)
-    # A hub id is "org/name"; anything else that names no existing path is a mistake.
-    looks_local = model.is_absolute() or cfg.model.path.startswith(".") or cfg.model.path.count("/") != 1
-    if looks_local and not model.exists():
-        raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
-    for key in ("train_path", "test_path"):
-        path = getattr(cfg.data, key)
-        if path is not None and not Path(path).exists():
-            raise StageError(f"data.{key} {path} does not exist; make one with "
-                             f"`r1lab data make addition --out {Path(path).parent}`")
+    inputs.check_model(cfg.model.path)
+    inputs.check_files([cfg.data.train_path], "data.train_path")
 
 
 def check_kinds(rows: list[TaskRow], rewards) -> None:

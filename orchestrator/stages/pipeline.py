@@ -1,115 +1,12 @@
-"""The ``pipeline`` stage: a YAML recipe chaining stages, each one's outputs feeding the next.
-
-Every step runs one stage with its own config file plus overrides, as run
-``<pipeline run dir>/<step name>``. Overrides may refer to earlier steps' outputs:
-
-- ``${STEP.model}``: the checkpoint a ``grpo``/``sft``/``distill`` step wrote (``STEP/final``);
-- ``${STEP.dataset}``: the SFT data a ``sample`` step wrote (``STEP/sft.jsonl``);
-- ``${STEP.dir}``: the step's run directory.
-
-A step that completed writes ``STEP/DONE.json``; on a rerun it is skipped, so a stopped
-pipeline resumes at the step where it stopped. All steps share one Ray connection.
-"""
+"""The ``pipeline`` stage: a YAML recipe chaining stages, each one's outputs feeding the
+next; ``${STEP.model}``, ``${STEP.dataset}`` and ``${STEP.dir}`` name an earlier step's
+outputs, and completed steps are skipped on rerun. The machinery is ``orchestrator.recipes``
+(shared with the ``distill`` stage)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-import time
-from pathlib import Path
+from orchestrator.recipes import PipelineConfig, PipelineSection, PipelineStep, completed_steps, run, step_config
 
-from pydantic import Field, field_validator
+Config = PipelineConfig
 
-from orchestrator.config import ClusterConfig, RunConfig, FrozenModel, dump_config, load_config
-
-log = logging.getLogger(__name__)
-REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(model|dataset|dir)\}")
-OUTPUTS = {"model": "final", "dataset": "sft.jsonl", "dir": ""}
-
-
-class PipelineStep(FrozenModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    stage: str
-    config: Path
-    overrides: tuple[str, ...] = ()
-
-
-class PipelineSection(FrozenModel):
-    steps: tuple[PipelineStep, ...]
-
-    @field_validator("steps")
-    @classmethod
-    def _valid_references(cls, steps: tuple[PipelineStep, ...]) -> tuple[PipelineStep, ...]:
-        seen: list[str] = []
-        for step in steps:
-            if step.stage == "pipeline":
-                raise ValueError(f"step {step.name!r}: pipelines do not nest")
-            if step.name in seen:
-                raise ValueError(f"step name {step.name!r} is used twice")
-            for o in step.overrides:
-                for ref, _ in REF.findall(o):
-                    if ref not in seen:
-                        raise ValueError(f"step {step.name!r} refers to ${{{ref}…}}, which is not an earlier step")
-            seen.append(step.name)
-        if not steps:
-            raise ValueError("pipeline.steps is empty")
-        return steps
-
-
-class Config(FrozenModel):
-    run: RunConfig = RunConfig(name="pipeline")
-    pipeline: PipelineSection
-    cluster: ClusterConfig = ClusterConfig()
-
-
-def resolve(overrides: tuple[str, ...], root: Path) -> list[str]:
-    def sub(m: re.Match) -> str:
-        return str(root / m.group(1) / OUTPUTS[m.group(2)])
-
-    return [REF.sub(sub, o) for o in overrides]
-
-
-def step_config(cfg: Config, step: PipelineStep):
-    """The validated config of ``step`` with references, run name and output dir filled in."""
-    from orchestrator.stages import load_stage
-
-    module = load_stage(step.stage)
-    root = cfg.run.dir
-    overrides = [*resolve(step.overrides, root), f"run.output_dir={root}", f"run.name={step.name}"]
-    if cfg.cluster.address and "cluster" in module.Config.model_fields:
-        overrides.append(f"cluster.address={cfg.cluster.address}")
-    return module, load_config(step.config, overrides, model=module.Config)
-
-
-def run(cfg: Config, progress=None) -> Path:
-    from orchestrator import cluster
-
-    root = cfg.run.dir
-    root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, root / "config.yaml")
-    # Validate every step's config before running the first one.
-    for step in cfg.pipeline.steps:
-        step_config(cfg, step)
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    total = len(cfg.pipeline.steps)
-    for i, step in enumerate(cfg.pipeline.steps, 1):
-        done = root / step.name / "DONE.json"
-        if done.exists():
-            log.warning("step %s already completed: skipped", step.name)
-            if progress is not None:
-                progress(i, total, f"{step.name} ({step.stage}): done before, skipped")
-            continue
-        module, step_cfg = step_config(cfg, step)
-        if progress is not None:
-            progress(i - 1, total, f"{step.name} ({step.stage}) running")
-        t0 = time.monotonic()
-        module.run(step_cfg)
-        done.write_text(json.dumps({"stage": step.stage, "seconds": time.monotonic() - t0}))
-        if progress is not None:
-            progress(i, total, f"{step.name} ({step.stage}) done in {time.monotonic() - t0:.0f}s")
-    return root
-
-
-def completed_steps(run_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in Path(run_dir).glob("*/DONE.json"))
+__all__ = ["Config", "PipelineSection", "PipelineStep", "completed_steps", "run", "step_config"]

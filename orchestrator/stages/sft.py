@@ -20,8 +20,8 @@ import ray
 from pydantic import Field
 
 from learner.config import LearnerConfig
-from orchestrator import cluster, placement
-from orchestrator.config import ClusterConfig, LoggingConfig, ModelConfig, RunConfig, FrozenModel, dump_config
+from orchestrator import cluster
+from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig, dump_config
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import DataError, load_pairs
 from tasks.templates import render_prompt
@@ -55,22 +55,22 @@ class Config(FrozenModel):
     model: ModelConfig
     data: SFTDataConfig
     sft: SFTConfig = SFTConfig()
-    learner: LearnerConfig = LearnerConfig(learning_rate=1e-5, kl_coef=0.0)
+    learner: LearnerConfig = LearnerConfig(learning_rate=1e-5)
     cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def model_post_init(self, __context) -> None:
-        per_rank, rem = divmod(self.sft.sequences_per_step, self.learner.num_workers)
+        per_rank, rem = divmod(self.sft.sequences_per_step, self.cluster.learner_workers)
         if rem or per_rank % self.sft.micro_batch_sequences:
             raise ValueError(
                 f"sft.sequences_per_step ({self.sft.sequences_per_step}) must be a multiple of "
-                f"learner.num_workers × sft.micro_batch_sequences "
-                f"({self.learner.num_workers} × {self.sft.micro_batch_sequences})"
+                f"cluster.learner_workers × sft.micro_batch_sequences "
+                f"({self.cluster.learner_workers} × {self.sft.micro_batch_sequences})"
             )
 
     @property
     def micro_batches_per_rank(self) -> int:
-        return self.sft.sequences_per_step // self.learner.num_workers // self.sft.micro_batch_sequences
+        return self.sft.sequences_per_step // self.cluster.learner_workers // self.sft.micro_batch_sequences
 
 
 def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...]]], int]:
@@ -105,8 +105,6 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
 def run(cfg: Config, progress=None) -> Path:
     from transformers import AutoTokenizer
 
-    from learner.worker import LearnerWorker
-
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -121,24 +119,14 @@ def run(cfg: Config, progress=None) -> Path:
         raise StageError(f"{len(examples)} examples are fewer than sft.sequences_per_step={cfg.sft.sequences_per_step}")
     total = steps_per_epoch * cfg.sft.epochs
 
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    plan = placement.plan_learners(cfg.learner.num_workers, cfg.cluster)
-    pg = placement.create_placement_group(plan)
-    env = placement.actor_env()
-    workers = [
-        ray.remote(LearnerWorker).options(**placement.options_for(pg, b, env=env)).remote(
-            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.learner.num_workers, temperature=1.0,
-            groups_per_rank=1, samples_per_prompt=1, seed=cfg.run.seed,
-            sft_micro_batch_sequences=cfg.sft.micro_batch_sequences,
-            sft_micro_batches_per_step=cfg.micro_batches_per_rank)
-        for b in plan.bundles
-    ]
+    learners = cluster.SFTLearners(cfg.learner, cfg.sft.micro_batch_sequences, cfg.micro_batches_per_rank)
+    actors = cluster.start(cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
+                                              learners=learners), roles=("learner",))
+    workers = actors.learners
     metrics = MetricsLogger(run_dir, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
                             project=cfg.logging.wandb_project, name=cfg.run.name)
     rng = random.Random(cfg.run.seed)
     try:
-        master = ray.get(workers[0].address.remote())
-        ray.get([w.setup.remote(*master) for w in workers])
         step = 0
         for epoch in range(cfg.sft.epochs):
             order = list(range(len(examples)))
@@ -148,7 +136,7 @@ def run(cfg: Config, progress=None) -> Path:
                 step += 1
                 t0 = time.monotonic()
                 batch = [examples[i] for i in order[k * cfg.sft.sequences_per_step:(k + 1) * cfg.sft.sequences_per_step]]
-                shards = _split(batch, cfg.learner.num_workers, cfg.sft.micro_batch_sequences)
+                shards = _split(batch, cfg.cluster.learner_workers, cfg.sft.micro_batch_sequences)
                 tokens = sum(len(r) for _, r in batch)
                 results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
                 nll = sum(r["nll_sum"] for r in results) / tokens
@@ -164,9 +152,7 @@ def run(cfg: Config, progress=None) -> Path:
         tokenizer.save_pretrained(final)
     finally:
         metrics.close()
-        for w in workers:
-            ray.kill(w)
-        placement.remove_placement_group(pg)
+        actors.shutdown()
     return run_dir
 
 

@@ -105,7 +105,7 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
         _say(progress, "R1-Zero: GRPO from the base model")
         grpo.run(load_config(CONFIGS / "grpo.yaml", [
             *common, "run.name=r1zero", f"model.path={paths['base']}", f"data.train_path={data / 'train.jsonl'}",
-            "data.test_path=null", "learner.num_workers=1", *steps]))
+            "cluster.learner_workers=1", *steps]))
 
     # R1: the multi-stage pipeline.
     _say(progress, "R1: cold start → reasoning RL → rejection sampling (+ non-reasoning data) → SFT → RL")

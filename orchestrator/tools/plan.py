@@ -1,7 +1,8 @@
 """``r1lab plan``: where every actor of a GRPO stage goes and what it holds in GPU memory.
 
-Nothing runs and nothing is downloaded: the bundles come from ``orchestrator.placement.plan``,
-the parameter count from the model's ``config.json`` (a local ``model.path``) or, for the
+Nothing runs and nothing is downloaded: the bundles, and which actor sits in which bundle
+with what share of it, come from ``orchestrator.placement.grpo_plan`` (what the ``grpo``
+stage starts); the parameter count from the model's ``config.json`` (a local ``model.path``) or, for the
 hub ids the shipped GPU recipes use, from the built-in ``KNOWN_MODELS`` table.
 
 Placement: bundles are packed in order onto ``NODES`` nodes of ``GPUS`` GPUs each, the way
@@ -206,7 +207,7 @@ class Plan:
 
 def learner_memory(cfg, m: ModelShape) -> dict[str, int]:
     lc = cfg.learner
-    P, L, b = m.params, lc.num_workers, (2 if lc.dtype == "bf16" else 4)
+    P, L, b = m.params, cfg.cluster.learner_workers, (2 if lc.dtype == "bf16" else 4)
     z = lc.zero_stage
     weights = P * b // (L if z >= 3 else 1)
     grads = P * b // (L if z >= 2 else 1)
@@ -305,39 +306,17 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
 
     Pure: reads the model's config.json (or the built-in table) and nothing else."""
     m = model or model_shape(cfg.model.path)
-    pp = placement.plan(cfg)
+    pp = placement.grpo_plan(cfg)
     spots, problems = _pack(pp.bundles, pp.strategy, nodes, gpus_per_node)
     notes: list[str] = []
-    colocate = cfg.use_reference and cfg.cluster.colocate_reference_with_learner
-    actors: list[Placed] = []
-    counters: dict[str, int] = {}
-    for bundle, (node, gpus) in zip(pp.bundles, spots, strict=True):
-        k = counters.get(bundle.role, 0)
-        counters[bundle.role] = k + 1
-        if bundle.role == "learner":
-            mem = learner_memory(cfg, m) if gpus else {}
-            actors.append(Placed("learner", f"learner.{k}", bundle.index, node, gpus[:1], mem))
-            if colocate and k == 0:
-                ref = reference_memory(cfg, m) if gpus else {}
-                actors.append(Placed("reference", "reference", bundle.index, node, gpus[:1], ref))
-        elif bundle.role == "rollout":
-            mem = rollout_memory(cfg, m, gpu_memory_bytes, len(gpus))
-            actors.append(Placed("rollout", f"rollout.{k}", bundle.index, node, gpus, mem))
-        elif bundle.role == "reward_model":
-            mem = reward_model_memory(cfg) if gpus else {}
-            actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
-        else:
-            mem = reference_memory(cfg, m) if gpus else {}
-            actors.append(Placed(bundle.role, bundle.role, bundle.index, node, gpus, mem))
-    actors += [Placed("reward", f"reward.{i}", -1, 0, (), {}) for i in range(cfg.cluster.num_reward_actors)]
-
+    actors = [_placed(cfg, m, a, spots, gpu_memory_bytes) for a in pp.actors]
     unplaced = [a for a in actors if a.node is None]
     if unplaced:
         need = sum(b.resources.get("GPU", 0) for b in pp.bundles)
         problems.append(
             f"{len(unplaced)} actor(s) ({', '.join(a.name for a in unplaced)}) find no room: the bundles need "
             f"{need:g} GPUs under {pp.strategy}, the cluster has {nodes * gpus_per_node} on {nodes} node(s); "
-            "add nodes, or lower learner.num_workers / rollout.num_engines / rollout.tensor_parallel_size"
+            "add nodes, or lower cluster.learner_workers / cluster.rollout_engines / rollout.tensor_parallel_size"
         )
     if gpus_per_node and not any(a.gpus for a in actors):
         notes.append("no actor asks for a GPU (cluster.gpus_per_* are 0): this config runs on CPUs")
@@ -345,6 +324,23 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
     plan = Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), (), tuple(notes))
     problems += _memory_problems(cfg, plan)
     return Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), tuple(problems), tuple(notes))
+
+
+def _placed(cfg, m: ModelShape, a: placement.ActorPlan, spots, gpu_memory_bytes: int) -> Placed:
+    """One actor of the placement plan on the GPUs its bundle was packed onto."""
+    if a.bundle is None:  # no bundle: floats free, no GPU
+        return Placed(a.role, a.name, -1, 0, (), {})
+    node, gpus = spots[a.bundle]
+    if a.role == "rollout":
+        return Placed(a.role, a.name, a.bundle, node, gpus, rollout_memory(cfg, m, gpu_memory_bytes, len(gpus)))
+    if a.role == "learner":
+        mem = learner_memory(cfg, m) if gpus else {}
+    elif a.role == "reward_model":
+        mem = reward_model_memory(cfg) if gpus else {}
+    else:
+        mem = reference_memory(cfg, m) if gpus else {}
+    # Learner and reference processes each use one GPU of their bundle (they share it when co-located).
+    return Placed(a.role, a.name, a.bundle, node, gpus[:1] if a.role in ("learner", "reference") else gpus, mem)
 
 
 def _memory_problems(cfg, plan: Plan) -> list[str]:
@@ -372,7 +368,7 @@ def _memory_problems(cfg, plan: Plan) -> list[str]:
         if "learner" in names:
             lm = next(a for a in occ if a.role == "learner").memory
             if cfg.learner.zero_stage < 3 and lm["weights"] + lm["grads"] + lm["optimizer"] > cap / 4:
-                fixes.append("raise learner.zero_stage to 3 or add learner ranks (learner.num_workers)")
+                fixes.append("raise learner.zero_stage to 3 or add learner ranks (cluster.learner_workers)")
             if not cfg.learner.gradient_checkpointing and lm["activations"] > cap / 4:
                 fixes.append("set learner.gradient_checkpointing=true")
             if lm["logits"] > cap / 4:

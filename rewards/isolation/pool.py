@@ -40,7 +40,7 @@ from rewards.types import RewardResult, RewardStatus
 
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core machine can take seconds
 _REASON_CHARS = 300
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding rewards/
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,7 @@ class ScoringPool:
     from any thread (calls are serialised) and inside Ray actors.
 
     ``imports``: modules each worker imports before building the rewards, so that
-    rewards added to the table outside r1lab (``rewards.registry.register``) can be
-    named in specs.
+    rewards registered outside r1lab (``@register("mine")``) can be named in specs.
     ``memory_limit_mb``: address-space limit per worker (None: unlimited).
     """
 

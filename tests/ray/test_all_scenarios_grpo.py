@@ -27,7 +27,7 @@ def test_grpo_mixes_rule_rewards_and_reward_models(ray_local, tiny_model, tmp_pa
     overrides = [
         f"model.path={tiny_model}", f"data.train_path={data['all_scenarios']}", f"run.output_dir={tmp_path}",
         "run.name=all", "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4",
-        "learner.num_workers=1", "learner.kl_coef=0", "rollout.max_new_tokens=16", "logging.wandb_mode=disabled",
+        "cluster.learner_workers=1", "loss.kl_coef=0", "rollout.max_new_tokens=16", "logging.wandb_mode=disabled",
         f"rewards.reward_models.0.path={rms['helpfulness']}", f"rewards.reward_models.1.path={rms['harmlessness']}",
     ]
     cfg = load_config(ROOT / "configs/demo/grpo_all.yaml", overrides)

@@ -29,16 +29,15 @@ def _groups(n_groups=2, g=4, seed=0):
 
 
 def _train(ray, model, *, ranks, zero_stage, groups):
-    from learner.config import LearnerConfig
+    from learner.config import GRPOLossConfig, LearnerConfig
     from learner.worker import LearnerWorker
 
-    cfg = LearnerConfig(num_workers=ranks, zero_stage=zero_stage, learning_rate=1e-3, kl_coef=0.0,
-                        micro_batch_groups=1)
+    cfg = LearnerConfig(zero_stage=zero_stage, learning_rate=1e-3, micro_batch_groups=1)
     per_rank = len(groups) // ranks
     workers = [
         ray.remote(LearnerWorker).options(num_cpus=0.5, max_concurrency=4).remote(
             str(model), cfg, rank=r, world_size=ranks, temperature=1.0, groups_per_rank=per_rank,
-            samples_per_prompt=groups[0].group.size)
+            samples_per_prompt=groups[0].group.size, loss=GRPOLossConfig(kl_coef=0.0))
         for r in range(ranks)
     ]
     addr = ray.get(workers[0].address.remote())

@@ -28,9 +28,9 @@ pipeline:
     - name: rl
       stage: grpo
       config: {ROOT}/configs/demo/grpo.yaml
-      overrides: ["model.path=${{warm.model}}", "data.train_path={data['train']}", "data.test_path=null", "grpo.steps=2",
-                  "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4", "learner.num_workers=1",
-                  "learner.kl_coef=0", "learner.micro_batch_groups=1", "rollout.max_new_tokens=8",
+      overrides: ["model.path=${{warm.model}}", "data.train_path={data['train']}", "grpo.steps=2",
+                  "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4", "cluster.learner_workers=1",
+                  "loss.kl_coef=0", "learner.micro_batch_groups=1", "rollout.max_new_tokens=8",
                   "logging.wandb_mode=disabled"]
 """)
     cfg = load_config(recipe, model=pipeline.Config)

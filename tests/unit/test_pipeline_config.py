@@ -59,4 +59,4 @@ def test_gpu_distillation_recipe_validates_both_steps():
     sft_cfg = pipeline.step_config(p, p.pipeline.steps[1])[1]
     assert sft_cfg.model.path == "Qwen/Qwen2.5-1.5B" and sft_cfg.learner.dtype == "bf16"
     assert str(sft_cfg.data.train_path).endswith("distill-qwen2.5-1.5b/teacher_samples/sft.jsonl")
-    assert sample_cfg.rollout.num_engines == 8
+    assert sample_cfg.cluster.rollout_engines == 8

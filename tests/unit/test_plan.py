@@ -32,10 +32,10 @@ def tiny_cfg(model: Path, **learner) -> GRPOStageConfig:
         "model": {"path": str(model)},
         "data": {"train_path": "unused.jsonl"},
         "grpo": {"prompts_per_step": 2, "samples_per_prompt": 4},
-        "rollout": {"num_engines": 1, "max_new_tokens": 16, "max_model_len": 32},
-        "learner": {"num_workers": 2, "zero_stage": 2, "dtype": "bf16", "micro_batch_groups": 1,
-                    "kl_coef": 0.04, **learner},
-        "cluster": {"gpus_per_learner": 1, "gpus_per_rollout_engine": 1},
+        "rollout": {"max_new_tokens": 16, "max_model_len": 32},
+        "learner": {"zero_stage": 2, "dtype": "bf16", "micro_batch_groups": 1, **learner},
+        "loss": {"kl_coef": 0.04},
+        "cluster": {"learner_workers": 2, "rollout_engines": 1, "gpus_per_learner": 1, "gpus_per_rollout_engine": 1},
     })
 
 
