@@ -65,7 +65,7 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
     from actors.reward import RewardActor
     from actors.reward_model import RewardModelActor
     from actors.rollout import RolloutActor
-    from learner.worker import LearnerWorker
+    from learner.grpo_role import GRPOLearner
 
     p = placement.plan(cfg)
     pg = placement.create_placement_group(p)
@@ -74,13 +74,14 @@ def start_grpo_actors(cfg, model_path: str) -> StageActors:
     colocate = cfg.use_reference and cfg.cluster.colocate_reference_with_learner
     share = 0.5 if colocate else 1.0
 
-    Learner = ray.remote(LearnerWorker)
+    Learner = ray.remote(GRPOLearner)
     for rank, bundle in enumerate(p.of("learner")):
         actors.learners.append(
             Learner.options(**placement.options_for(pg, bundle, share=share, env=env, max_concurrency=4)).remote(
                 model_path, cfg.learner, rank=rank, world_size=cfg.learner.num_workers,
                 temperature=cfg.rollout.temperature, groups_per_rank=cfg.groups_per_rank,
-                samples_per_prompt=cfg.grpo.samples_per_prompt, seed=cfg.run.seed,
+                samples_per_prompt=cfg.grpo.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=cfg.run.seed,
             )
         )
     Rollout = ray.remote(RolloutActor)

@@ -103,7 +103,7 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
 def run(cfg: Config, progress=None) -> Path:
     from transformers import AutoTokenizer
 
-    from learner.worker import LearnerWorker
+    from learner.sft_role import SFTLearner
 
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +124,10 @@ def run(cfg: Config, progress=None) -> Path:
     pg = placement.create_placement_group(plan)
     env = placement.actor_env()
     workers = [
-        ray.remote(LearnerWorker).options(**placement.options_for(pg, b, env=env)).remote(
-            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.learner.num_workers, temperature=1.0,
-            groups_per_rank=1, samples_per_prompt=1, seed=cfg.run.seed,
-            sft_micro_batch_sequences=cfg.sft.micro_batch_sequences,
-            sft_micro_batches_per_step=cfg.micro_batches_per_rank)
+        ray.remote(SFTLearner).options(**placement.options_for(pg, b, env=env)).remote(
+            cfg.model.path, cfg.learner, rank=b.index, world_size=cfg.learner.num_workers,
+            micro_batch_sequences=cfg.sft.micro_batch_sequences,
+            micro_batches_per_step=cfg.micro_batches_per_rank, seed=cfg.run.seed)
         for b in plan.bundles
     ]
     metrics = MetricsLogger(run_dir, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
@@ -149,10 +148,10 @@ def run(cfg: Config, progress=None) -> Path:
                 shards = _split(batch, cfg.learner.num_workers, cfg.sft.micro_batch_sequences)
                 tokens = sum(len(r) for _, r in batch)
                 results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
-                nll = sum(r["nll_sum"] for r in results) / tokens
+                nll = sum(r.nll_sum for r in results) / tokens
                 record = {"step": step, "epoch": epoch + 1, "loss": nll,
-                          "token_accuracy": sum(r["correct"] for r in results) / tokens,
-                          "tokens_per_s": tokens / max(r["seconds"] for r in results),
+                          "token_accuracy": sum(r.correct for r in results) / tokens,
+                          "tokens_per_s": tokens / max(r.seconds for r in results),
                           "step_s": time.monotonic() - t0}
                 metrics.log(record)
                 if progress is not None:
