@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from actors.config import ReferenceConfig
-from learner import grpo
-from learner.batch import ScoredGroup
+from learner.batch import ScoredGroup, pad_rows, pad_token_id
+from learner.logprobs import model_logprobs
 
 
 class ReferenceActor:
@@ -22,7 +22,7 @@ class ReferenceActor:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
-        self.pad_id = int(self.model.config.pad_token_id or self.model.config.eos_token_id or 0)
+        self.pad_id = pad_token_id(self.model.config)
 
     def ready(self) -> bool:
         return True
@@ -36,17 +36,9 @@ class ReferenceActor:
         step = self.config.micro_batch_sequences
         for start in range(0, len(completions), step):
             chunk = completions[start : start + step]
-            width = len(prompt) + max(len(c.token_ids) for c in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)  # [n, T]
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)  # [n, T]
-            for i, c in enumerate(chunk):
-                seq = prompt + c.token_ids
-                ids[i, : len(seq)] = torch.tensor(seq)
-                attn[i, : len(seq)] = 1
+            ids, attn, _ = pad_rows([(prompt, c.token_ids) for c in chunk], self.pad_id)  # [n, T] each
             ids, attn = ids.to(self.device), attn.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [n, T-1, V]
-            lp = grpo.token_logprobs(logits, ids[:, 1:], temperature=self.temperature).cpu()  # [n, T-1]
+            lp = model_logprobs(self.model, ids, attn, temperature=self.temperature).cpu()  # [n, T]
             for i, c in enumerate(chunk):
-                first = len(prompt) - 1  # logits at t predict token t+1
-                out.append(lp[i, first : first + len(c.token_ids)].tolist())
+                out.append(lp[i, len(prompt) : len(prompt) + len(c.token_ids)].tolist())
         return scored.with_ref_logprobs(out)

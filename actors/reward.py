@@ -32,7 +32,9 @@ class RewardActor:
     def score(self, group: Group) -> ScoredGroup:
         """``group`` scored by the rewards that apply to its prompt type (Ray resolves an
         ObjectRef argument before the call). Rewards that do not apply count 0; accuracy
-        and format are nan where their reward does not apply."""
+        and format are nan where their reward does not apply. Each completion is flagged
+        where any of its rewards ended in ERROR, TIMEOUT or UNGRADABLE (the learner counts
+        them and leaves ungradable completions out of the advantages)."""
         start = time.monotonic()
         names = [s.name for s in self.config.rules_for(group.kind)]
         texts = [(c.text, group.reference) for c in group.completions]
@@ -43,7 +45,10 @@ class RewardActor:
         weights = {n: self.weights[n] for n in names}
         rewards = tuple(combine(r, weights) for r in results)
         return ScoredGroup(group, rewards, _passed(results, self.config.accuracy_reward),
-                           _passed(results, self.config.format_reward))
+                           _passed(results, self.config.format_reward),
+                           reward_error=_any_status(results, RewardStatus.ERROR),
+                           reward_timeout=_any_status(results, RewardStatus.TIMEOUT),
+                           ungradable=_any_status(results, RewardStatus.UNGRADABLE))
 
     def stats(self):
         return self.pool.stats()
@@ -56,3 +61,8 @@ def _passed(results: list[dict], name: str | None) -> tuple[float, ...]:
     """1.0 / 0.0 per completion by reward ``name``'s status; nan where it did not run."""
     return tuple(math.nan if name is None or name not in r else float(r[name].status == RewardStatus.CORRECT)
                  for r in results)
+
+
+def _any_status(results: list[dict], status: RewardStatus) -> tuple[bool, ...]:
+    """Per completion: did any of its rewards end with ``status``?"""
+    return tuple(any(r.status == status for r in res.values()) for res in results)

@@ -122,9 +122,6 @@ class RolloutActor:
         return [float(step[tok].logprob) for step, tok in
                 zip(out.prompt_logprobs[len(prompt_ids):], response_ids, strict=True)]
 
-    def stats(self) -> RolloutStats:
-        return self.last_stats
-
     # -- weight push -------------------------------------------------------------------
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                           backend: str, spec: WeightSpec) -> list[int]:
@@ -145,9 +142,6 @@ class RolloutActor:
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return int(received[0])
-
-    def weight_checksum(self) -> float:
-        return float(self.llm.collective_rpc("r1lab_weight_checksum")[0])
 
     def version(self) -> int:
         return self.policy_version

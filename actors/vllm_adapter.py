@@ -118,10 +118,6 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=weights())
         return received
 
-    def r1lab_weight_checksum(self) -> float:
-        """Sum of all parameters (a cheap check that a push changed the weights)."""
-        return float(sum(p.detach().double().sum() for p in self.model_runner.get_model().parameters()))
-
 
 def in_process_engine_env() -> None:
     """Run the engine core in this process on CPU: starts in ~3 s instead of ~16 s and

@@ -56,15 +56,15 @@ def main() -> None:
     ray = local_ray()
     from actors.config import RolloutConfig
     from actors.rollout import RolloutActor
-    from learner.config import LearnerConfig
+    from learner.config import GRPOLossConfig, LearnerConfig
     from learner.weight_sync import free_port
-    from learner.worker import LearnerWorker
+    from learner.grpo_role import GRPOLearner
     from orchestrator.cluster import StageActors, init_weight_push
 
     model = str(tiny_model(args.hidden, args.layers))
-    learner = ray.remote(LearnerWorker).options(num_cpus=0.5, max_concurrency=4).remote(
-        model, LearnerConfig(weight_push_bucket_bytes=args.bucket_mib * 2**20), rank=0, world_size=1,
-        temperature=1.0, groups_per_rank=1, samples_per_prompt=2)
+    learner = ray.remote(GRPOLearner).options(num_cpus=0.5, max_concurrency=4).remote(
+        model, LearnerConfig(weight_push_bucket_bytes=args.bucket_mib * 2**20), loss=GRPOLossConfig(), rank=0, world_size=1,
+        temperature=1.0, groups_per_rank=1, samples_per_prompt=2, max_new_tokens=8)
     params = ray.get(learner.setup.remote(*ray.get(learner.address.remote())))
     engine = ray.remote(RolloutActor).options(num_cpus=0.5).remote(
         model, RolloutConfig(max_new_tokens=8, max_model_len=128, kv_cache_bytes=64 * 2**20, dtype="float32"))

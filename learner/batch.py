@@ -18,6 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 
+_FLAGS = ("reward_error", "reward_timeout", "ungradable")
+
+
 @dataclass(frozen=True)
 class Completion:
     """One sampled response: its tokens, the sampler's log-prob of each, and text."""
@@ -62,7 +65,15 @@ class Group:
 @dataclass(frozen=True)
 class ScoredGroup:
     """A group with its rewards (one per completion) and, once the reference actor has
-    seen it, the reference policy's log-probs of each completion's tokens."""
+    seen it, the reference policy's log-probs of each completion's tokens.
+
+    The three flag tuples say, per completion, whether any of the rule rewards that
+    scored it (not only the accuracy reward) ended in an error, in a timeout, or could
+    not grade it (the reference answer or tests do not parse). Such a reward scores 0;
+    the learner counts all three, and leaves ungradable completions out of the
+    advantages (``learner.grpo.group_advantages(valid=...)``) rather than treat the 0 as
+    a verdict. Left empty they mean "none": they are filled in as all False.
+    """
 
     group: Group
     rewards: tuple[float, ...]  # [G] weighted sum of the configured rewards
@@ -71,10 +82,16 @@ class ScoredGroup:
     ref_logprobs: tuple[tuple[float, ...], ...] | None = None  # [G][T_i]
     # Named parts of the reward worth reporting on their own (reward-model scores), [G] each.
     components: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    reward_error: tuple[bool, ...] = ()  # [G] some rule reward raised or its worker died
+    reward_timeout: tuple[bool, ...] = ()  # [G] some rule reward ran past its deadline
+    ungradable: tuple[bool, ...] = ()  # [G] some rule reward could not grade the completion
 
     def __post_init__(self) -> None:
         g = self.group.size
-        for name in ("rewards", "accuracy", "format_ok"):
+        for name in _FLAGS:
+            if not getattr(self, name):
+                object.__setattr__(self, name, (False,) * g)  # frozen: fill the default once
+        for name in ("rewards", "accuracy", "format_ok", *_FLAGS):
             if len(getattr(self, name)) != g:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values for {g} completions")
         if any(not math.isfinite(r) for r in self.rewards):
@@ -90,6 +107,11 @@ class ScoredGroup:
         for name, values in self.components:
             if len(values) != g:
                 raise ValueError(f"component {name!r} has {len(values)} values for {g} completions")
+
+    @property
+    def gradable(self) -> tuple[bool, ...]:
+        """[G] True where every rule reward could grade the completion."""
+        return tuple(not u for u in self.ungradable)
 
     def with_ref_logprobs(self, ref: Sequence[Sequence[float]]) -> ScoredGroup:
         return replace(self, ref_logprobs=tuple(tuple(float(x) for x in r) for r in ref))
@@ -144,6 +166,31 @@ class TrainBatch:
         return TrainBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
+def pad_token_id(model_config) -> int:
+    """The id a model's batches are padded with (a transformers ``PretrainedConfig``)."""
+    return int(model_config.pad_token_id or model_config.eos_token_id or 0)
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-pad ``(prompt_ids, response_ids)`` rows to the longest, ``T`` tokens.
+
+    The one place sequences are padded (GRPO and SFT batches, the reference actor).
+    Returns ``(input_ids [N, T] int64, attention_mask [N, T] int64, response_mask [N, T]
+    float32)``: prompt then response then ``pad_id``; 1 on real tokens; 1 on response tokens.
+    """
+    n = len(rows)
+    t = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((n, t), pad_id, dtype=torch.int64)  # [N, T]
+    attention = torch.zeros((n, t), dtype=torch.int64)  # [N, T]
+    response = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
+    for i, (p, r) in enumerate(rows):
+        k = len(p) + len(r)
+        input_ids[i, :k] = torch.tensor([*p, *r])
+        attention[i, :k] = 1
+        response[i, len(p) : k] = 1.0
+    return input_ids, attention, response
+
+
 def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], pad_id: int) -> TrainBatch:
     """Pad the groups' sequences into one ``TrainBatch``.
 
@@ -158,19 +205,13 @@ def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], p
     has_ref = all(r[2] is not None for r in rows)
     if not has_ref and any(r[2] is not None for r in rows):
         raise ValueError("some groups have reference log-probs and some do not")
-    n = len(rows)
-    t = max(len(p) + len(c.token_ids) for p, c, _, _ in rows)
-    input_ids = torch.full((n, t), pad_id, dtype=torch.int64)  # [N, T]
-    attention = torch.zeros((n, t), dtype=torch.int64)  # [N, T]
-    loss_mask = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
+    input_ids, attention, loss_mask = pad_rows([(p, c.token_ids) for p, c, _, _ in rows], pad_id)  # [N, T] each
+    n, t = input_ids.shape
     old = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
     ref = torch.zeros((n, t), dtype=torch.float32) if has_ref else None  # [N, T]
     versions = torch.empty(n, dtype=torch.int64)  # [N]
     for i, (prompt, c, r, version) in enumerate(rows):
         p, k = len(prompt), len(c.token_ids)
-        input_ids[i, : p + k] = torch.tensor(prompt + c.token_ids)
-        attention[i, : p + k] = 1
-        loss_mask[i, p : p + k] = 1.0
         old[i, p : p + k] = torch.tensor(c.logprobs, dtype=torch.float32)
         if ref is not None:
             ref[i, p : p + k] = torch.tensor(r, dtype=torch.float32)

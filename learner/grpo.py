@@ -58,7 +58,12 @@ def _check_same_shape(**tensors: Tensor) -> None:
 
 
 def group_advantages(
-    rewards: Tensor, *, std_ddof: int, eps: float, scale_by_std: bool = True
+    rewards: Tensor,
+    *,
+    std_ddof: int,
+    eps: float,
+    scale_by_std: bool = True,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages, DeepSeek-R1 eq. 3: ``A_i = (r_i - mean(r)) / std(r)``.
 
@@ -84,6 +89,15 @@ def group_advantages(
     - ``scale_by_std=False`` returns ``r - mean`` (Dr. GRPO, Liu et al. 2025, "Understanding
       R1-Zero-Like Training": dividing by std up-weights too-easy and too-hard prompts);
       ``std_ddof`` and ``eps`` are then unused.
+    - ``valid`` (``[B, G]`` bool, optional): samples whose reward is undefined (the
+      reward could not grade them: an unparsable reference) are left out rather than
+      scored 0. A left-out sample gets ``A = 0`` and takes no part in its group's mean
+      and std: the statistics are those of the group's valid samples alone (``n`` of
+      them, std with ``n - std_ddof`` in the denominator). Fewer than two valid samples
+      count as identical rewards (zero advantages), so a group with no valid sample
+      contributes nothing. With a mask the mean and variance are two-pass masked sums,
+      equal to the unmasked ``torch.mean``/``torch.std`` up to rounding but not bit for
+      bit: pass ``None`` (the default: every sample valid) when nothing is left out.
     """
     if rewards.dim() != 2:
         raise ValueError(
@@ -100,6 +114,13 @@ def group_advantages(
             f"a std with ddof={std_ddof} needs more than {std_ddof} samples per prompt, got G={num_samples}; "
             "sample more per prompt or pass scale_by_std=False"
         )
+    if valid is not None:
+        if valid.shape != rewards.shape or valid.dtype != torch.bool:
+            raise ValueError(
+                f"valid must be a bool tensor shaped like rewards {tuple(rewards.shape)}, "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
+        return _masked_group_advantages(rewards, valid, std_ddof=std_ddof, eps=eps, scale_by_std=scale_by_std)
     r = rewards.to(_compute_dtype(rewards))  # [B, G]
     centered = r - r.mean(dim=1, keepdim=True)  # [B, G]
     if scale_by_std:
@@ -109,6 +130,28 @@ def group_advantages(
         adv = centered  # [B, G]
     identical = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
     return torch.where(identical, torch.zeros_like(adv), adv)  # [B, G]
+
+
+def _masked_group_advantages(
+    rewards: Tensor, valid: Tensor, *, std_ddof: int, eps: float, scale_by_std: bool
+) -> Tensor:
+    """``group_advantages`` over the ``valid`` samples of each row; 0 elsewhere."""
+    r = rewards.to(_compute_dtype(rewards))  # [B, G]
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    count = valid.sum(dim=1, keepdim=True).to(r.dtype)  # [B, 1] valid samples per group
+    mean = torch.where(valid, r, zero).sum(dim=1, keepdim=True) / count.clamp(min=1)  # [B, 1]
+    centered = torch.where(valid, r - mean, zero)  # [B, G]
+    if scale_by_std:
+        # Rows with count <= ddof have no std; they have < 2 valid samples and are zeroed below.
+        var = (centered * centered).sum(dim=1, keepdim=True) / (count - std_ddof).clamp(min=1)  # [B, 1]
+        adv = centered / (var.sqrt() + eps)  # [B, G]
+    else:
+        adv = centered  # [B, G]
+    inf = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
+    highest = torch.where(valid, r, -inf).amax(dim=1, keepdim=True)  # [B, 1]
+    lowest = torch.where(valid, r, inf).amin(dim=1, keepdim=True)  # [B, 1]
+    identical = (highest == lowest) | (count < 2)  # [B, 1] includes rows with no valid sample
+    return torch.where(identical | ~valid, torch.zeros_like(adv), adv)  # [B, G]
 
 
 # --------------------------------------------------------------------------- eq. 2
@@ -223,9 +266,11 @@ def aggregate(
     - ``"token_mean"`` — DAPO: ``Σ_it m_it l_it / num_tokens``. Every token weighs the
       same. (verl ``token-mean``, TRL ``"dapo"``.)
     - ``"seq_mean_token_sum_norm"`` — Dr. GRPO: ``Σ_it m_it l_it / (num_sequences *
-      max_tokens)``, a per-sequence token *sum* divided by a constant (the generation
-      budget, ``max_new_tokens``) instead of the response's own length, removing the
-      length bias. (verl ``seq-mean-token-sum-norm``, TRL ``"dr_grpo"``.)
+      max_tokens)``, a per-sequence token *sum* divided by a constant instead of the
+      response's own length, removing the length bias. ``max_tokens`` is the generation
+      budget (``rollout.max_new_tokens``), one number for the whole run: not the padded
+      width of a micro-batch, which varies with the split and includes the prompt.
+      (verl ``seq-mean-token-sum-norm``, TRL ``"dr_grpo"``.)
 
     The normalisers are GLOBAL and passed in: ``num_sequences`` is the number of sequences
     and ``num_tokens`` the number of masked tokens in the whole optimizer batch, over all

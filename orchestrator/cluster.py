@@ -59,16 +59,17 @@ class GRPOLearners:
     temperature: float  # the rollout's sampling temperature (log-probs are taken at it)
     groups_per_rank: int
     samples_per_prompt: int
+    max_new_tokens: int  # the generation budget: Dr. GRPO's loss normaliser
     max_concurrency: int = 4  # feed() must run while train_step() waits for groups
 
     def actor_class(self) -> type:
-        from learner.worker import LearnerWorker
+        from learner.grpo_role import GRPOLearner
 
-        return LearnerWorker
+        return GRPOLearner
 
     def kwargs(self) -> dict:
         return {"loss": self.loss, "temperature": self.temperature, "groups_per_rank": self.groups_per_rank,
-                "samples_per_prompt": self.samples_per_prompt}
+                "samples_per_prompt": self.samples_per_prompt, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,13 @@ class SFTLearners:
     max_concurrency: int | None = None
 
     def actor_class(self) -> type:
-        from learner.worker import LearnerWorker
+        from learner.sft_role import SFTLearner
 
-        return LearnerWorker
+        return SFTLearner
 
     def kwargs(self) -> dict:
-        return {"temperature": 1.0, "groups_per_rank": 1, "samples_per_prompt": 1,
-                "sft_micro_batch_sequences": self.micro_batch_sequences,
-                "sft_micro_batches_per_step": self.micro_batches_per_step}
+        return {"micro_batch_sequences": self.micro_batch_sequences,
+                "micro_batches_per_step": self.micro_batches_per_step}
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class StageParts:
     def for_grpo(cls, cfg) -> StageParts:
         """From a ``GRPOStageConfig``."""
         learners = GRPOLearners(cfg.learner, cfg.loss, cfg.rollout.temperature, cfg.groups_per_rank,
-                                cfg.grpo.samples_per_prompt)
+                                cfg.grpo.samples_per_prompt, cfg.rollout.max_new_tokens)
         return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
                    learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models)

@@ -27,7 +27,7 @@ import ray
 
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
-from learner.worker import StepStats
+from learner.grpo_role import StepStats
 from orchestrator import cluster, inputs, placement, streaming
 from orchestrator.config import GRPOStageConfig, dump_config
 from orchestrator.metrics import MetricsLogger

@@ -139,10 +139,10 @@ def run(cfg: Config, progress=None) -> Path:
                 shards = _split(batch, cfg.cluster.learner_workers, cfg.sft.micro_batch_sequences)
                 tokens = sum(len(r) for _, r in batch)
                 results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
-                nll = sum(r["nll_sum"] for r in results) / tokens
+                nll = sum(r.nll_sum for r in results) / tokens
                 record = {"step": step, "epoch": epoch + 1, "loss": nll,
-                          "token_accuracy": sum(r["correct"] for r in results) / tokens,
-                          "tokens_per_s": tokens / max(r["seconds"] for r in results),
+                          "token_accuracy": sum(r.correct for r in results) / tokens,
+                          "tokens_per_s": tokens / max(r.seconds for r in results),
                           "step_s": time.monotonic() - t0}
                 metrics.log(record)
                 if progress is not None:

@@ -12,13 +12,13 @@ def _actors(ray, model_path, *, zero_stage=2):
     from actors.config import RolloutConfig
     from actors.rollout import RolloutActor
     from learner.config import GRPOLossConfig, LearnerConfig
-    from learner.worker import LearnerWorker
+    from learner.grpo_role import GRPOLearner
     from orchestrator.cluster import init_weight_push
     from orchestrator.cluster import StageActors
 
-    learner = ray.remote(LearnerWorker).options(num_cpus=0.5, max_concurrency=4).remote(
+    learner = ray.remote(GRPOLearner).options(num_cpus=0.5, max_concurrency=4).remote(
         str(model_path), LearnerConfig(learning_rate=5e-2, zero_stage=zero_stage, weight_push_bucket_bytes=2**17),
-        rank=0, world_size=1, temperature=1.0, groups_per_rank=1, samples_per_prompt=4,
+        rank=0, world_size=1, temperature=1.0, groups_per_rank=1, samples_per_prompt=4, max_new_tokens=16,
         loss=GRPOLossConfig(kl_coef=0.0),
     )
     ray.get(learner.setup.remote(*ray.get(learner.address.remote())))

@@ -14,7 +14,7 @@ from actors.reward_model import RewardModelActor
 from rewards.model_input import model_input
 from actors.rollout import PromptItem
 from learner.batch import Completion, Group, ScoredGroup
-from learner.worker import StepStats
+from learner.grpo_role import StepStats
 from orchestrator.config import ConfigError, apply_overrides, load_config
 from orchestrator.stages.grpo import PromptSampler
 from tasks.data_files import load_rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batch import Completion, Group, ScoredGroup, TrainBatch, collate
+from learner.batch import Completion, Group, ScoredGroup, TrainBatch, collate, pad_rows
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +47,13 @@ def test_collate_positions_and_masks():
     assert b.ref_logprobs.tolist()[1] == [0, 0, 0, -3.0, 0]
     assert b.advantages.tolist() == pytest.approx([0.7, -0.7])
     assert b.num_sequences == 2 and b.num_response_tokens == 3
+
+
+def test_pad_rows_right_pads_and_marks_responses():
+    ids, attn, response = pad_rows([((1, 2), (3,)), ((4,), (5, 6, 7))], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]] and ids.dtype == torch.int64
+    assert attn.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]] and attn.dtype == torch.int64
+    assert response.tolist() == [[0, 0, 1, 0], [0, 1, 1, 1]] and response.dtype == torch.float32
 
 
 def test_collate_rejects_mixed_reference_and_count_mismatch():

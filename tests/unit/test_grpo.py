@@ -62,6 +62,19 @@ def ref_advantages(rows, ddof, eps, scale):
     return out
 
 
+def ref_masked_advantages(rows, valid_rows, ddof, eps, scale):
+    """Advantages over each row's valid samples alone; 0 for the others."""
+    out = []
+    for row, valid in zip(rows, valid_rows, strict=True):
+        kept = [r for r, v in zip(row, valid, strict=True) if v]
+        if len(kept) < 2:
+            out.append([0.0] * len(row))
+            continue
+        adv = iter(ref_advantages([kept], ddof, eps, scale)[0])
+        out.append([next(adv) if v else 0.0 for v in valid])
+    return out
+
+
 def ref_k3(logp, ref, clip):
     out = []
     for lp_row, rf_row in zip(logp, ref, strict=True):
@@ -187,6 +200,54 @@ def test_identical_rewards_give_zero_advantages():
     assert torch.equal(group_advantages(torch.tensor([[5.0], [2.0]]), std_ddof=0, eps=1e-6), torch.zeros(2, 1))
 
 
+def test_group_advantages_leave_invalid_samples_out_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # [B=1, G=4]
+    valid = torch.tensor([[True, True, False, True]])  # sample 2 could not be graded
+    # valid rewards 1, 0, 1: n = 3, mean = 2/3 = 0.6667; deviations 0.3333, -0.6667, 0.3333,
+    # squared 0.1111, 0.4444, 0.1111, sum 0.6667
+    # ddof=1: var = 0.6667/(3 - 1) = 0.3333, std = 0.5774 -> A = 0.3333/0.5774 = 0.5774 and
+    # -0.6667/0.5774 = -1.1547; the left-out sample gets 0
+    want = [[0.5773503, -1.1547005, 0.0, 0.5773503]]
+    close(group_advantages(rewards, std_ddof=1, eps=0.0, valid=valid), want, 1e-6)
+    # ddof=0: var = 0.6667/3 = 0.2222, std = 0.4714 -> A = 0.7071, -1.4142
+    close(group_advantages(rewards, std_ddof=0, eps=0.0, valid=valid), [[0.7071068, -1.4142136, 0.0, 0.7071068]], 1e-6)
+    # Dr. GRPO (no std): A = r - 0.6667
+    close(group_advantages(rewards, std_ddof=1, eps=0.0, scale_by_std=False, valid=valid),
+          [[0.3333333, -0.6666667, 0.0, 0.3333333]], 1e-6)
+    # Scored 0 instead (today's behaviour without a mask) it would pull the mean to 0.5:
+    # A = ±0.8660, and the ungradable sample would be pushed down as if wrong.
+    close(group_advantages(rewards, std_ddof=1, eps=0.0), [[0.8660254, -0.8660254, -0.8660254, 0.8660254]], 1e-6)
+    # What a left-out sample scored does not matter.
+    other = torch.tensor([[1.0, 0.0, 7.0, 1.0]])
+    assert torch.equal(group_advantages(other, std_ddof=1, eps=0.0, valid=valid),
+                       group_advantages(rewards, std_ddof=1, eps=0.0, valid=valid))
+
+
+def test_group_advantages_with_too_few_valid_samples_are_zero():
+    rewards = torch.tensor([[0.5, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # [B=3, G=3]
+    valid = torch.tensor([
+        [False, False, False],  # nothing gradable: the group contributes nothing
+        [False, True, False],  # one valid sample: identical by definition
+        [True, True, False],  # valid rewards 1, 1 are identical (the 0 is left out)
+    ])  # fmt: skip
+    for ddof in (0, 1):
+        for scale in (True, False):
+            adv = group_advantages(rewards, std_ddof=ddof, eps=1e-9, scale_by_std=scale, valid=valid)
+            assert torch.equal(adv, torch.zeros(3, 3))
+
+
+def test_group_advantages_all_valid_mask_matches_unmasked():
+    gen = torch.Generator().manual_seed(5)
+    rewards = torch.rand(4, 6, generator=gen)  # [B, G]
+    everyone = torch.ones(4, 6, dtype=torch.bool)
+    close(group_advantages(rewards, std_ddof=1, eps=1e-4, valid=everyone),
+          group_advantages(rewards, std_ddof=1, eps=1e-4), 1e-6)
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        group_advantages(rewards, std_ddof=1, eps=1e-4, valid=everyone[:, :3])
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        group_advantages(rewards, std_ddof=1, eps=1e-4, valid=everyone.float())
+
+
 def test_group_advantages_rejects_bad_input():
     with pytest.raises(ValueError, match="more than 1 samples"):
         group_advantages(torch.tensor([[1.0], [0.0]]), std_ddof=1, eps=1e-6)
@@ -209,6 +270,24 @@ def test_group_advantages_matches_loop(dtype, shape, ddof, eps, scale):
     assert adv.shape == shape
     assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     close(adv, ref_advantages(as_lists(rewards), ddof, eps, scale), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 2), (4, 4), (6, 16)])
+@pytest.mark.parametrize("ddof,eps,scale", [(1, 1e-6, True), (0, 1e-4, True), (1, 1e-6, False)])
+def test_masked_group_advantages_match_loop(dtype, shape, ddof, eps, scale):
+    gen = torch.Generator().manual_seed(1)
+    binary = torch.randint(0, 2, shape, generator=gen).to(torch.float64)  # [B, G]
+    partial = torch.rand(shape, generator=gen, dtype=torch.float64)  # [B, G]
+    rewards = (binary + 0.5 * partial).to(dtype)  # [B, G]
+    valid = torch.rand(shape, generator=gen) > 0.3  # [B, G]
+    valid[0] = False  # a group with nothing gradable
+    valid[1] = False
+    valid[1, 0] = True  # a group with one gradable sample
+    adv = group_advantages(rewards, std_ddof=ddof, eps=eps, scale_by_std=scale, valid=valid)
+    assert adv.shape == shape
+    assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    close(adv, ref_masked_advantages(as_lists(rewards), valid.tolist(), ddof, eps, scale), TOL[dtype])
 
 
 # ------------------------------------------------------------------ k3_kl (eq. 2)

@@ -1,0 +1,291 @@
+"""The GRPO learner role: one DeepSpeed data-parallel rank per ``GRPOLearner`` actor.
+
+A step consumes this rank's share of the step's groups *as they arrive* (the driver
+``feed``s ObjectRefs while ``train_step`` runs; the actor is threaded for that), turns
+them into micro-batches, and runs forward/backward on each at once; DeepSpeed reduces
+gradients across ranks and applies the optimizer at the accumulation boundary.
+
+Loss scaling: ``learner.grpo.aggregate`` divides by the *global* number of sequences (or
+tokens, or sequences × ``max_new_tokens`` for Dr. GRPO), so summing the micro-batch
+losses of all ranks gives the full-batch loss; ``learner.engine`` sums the gradients.
+Rank 0 also sends the weight pushes (``learner.weight_sync``).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from learner import grpo
+from learner.batch import ScoredGroup, TrainBatch, collate
+from learner.config import GRPOLossConfig, LearnerConfig
+from learner.engine import EngineShape
+from learner.logprobs import model_logprobs
+from learner.rank import LearnerRank
+from learner.weight_sync import WeightSpec, create_group, send_weights
+
+
+@dataclass
+class StepStats:
+    """Sums and counts from one rank's step; ``merge`` adds ranks, ``finalize`` divides.
+
+    Reward bookkeeping counts completions, over all the rule rewards that scored each
+    one (a completion counts once however many of its rewards hit the status):
+    ``reward_errors`` (a reward raised or its worker died), ``reward_timeouts`` (past
+    the scoring deadline), ``reward_ungradable`` (the reference could not be parsed:
+    left out of the advantages), and ``ungradable_groups`` (groups with no gradable
+    completion, which contribute zero advantage).
+    """
+
+    sequences: float = 0.0
+    response_tokens: float = 0.0
+    reward_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    accuracy_count: float = 0.0
+    format_sum: float = 0.0
+    format_count: float = 0.0
+    truncated: float = 0.0
+    staleness_sum: float = 0.0
+    gap_sum: float = 0.0
+    gap_tokens: float = 0.0
+    kl_sum: float = 0.0
+    clip_count: float = 0.0
+    loss_tokens: float = 0.0
+    surrogate_sum: float = 0.0
+    zero_std_groups: float = 0.0
+    groups: float = 0.0
+    reward_errors: float = 0.0
+    reward_timeouts: float = 0.0
+    reward_ungradable: float = 0.0
+    ungradable_groups: float = 0.0
+    learner_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    grad_norm: float = 0.0
+    # component name -> [sum, count] (reward-model scores, reported as reward/<name>)
+    components: dict[str, list[float]] = field(default_factory=dict)
+
+    def count(self, g: ScoredGroup, version: int) -> None:
+        """Add one group's rewards and shape; ``version`` is the learner's policy version."""
+        n = g.group.size
+        self.groups += 1
+        self.sequences += n
+        self.reward_sum += sum(g.rewards)
+        graded = [x for x in g.accuracy if not math.isnan(x)]
+        self.accuracy_sum += sum(graded)
+        self.accuracy_count += len(graded)
+        for name, values in g.components:
+            total = self.components.setdefault(name, [0.0, 0.0])
+            total[0] += sum(values)
+            total[1] += len(values)
+        fmt = [x for x in g.format_ok if not math.isnan(x)]
+        self.format_sum += sum(fmt)
+        self.format_count += len(fmt)
+        self.response_tokens += sum(len(c.token_ids) for c in g.group.completions)
+        self.truncated += sum(c.finish_reason == "length" for c in g.group.completions)
+        self.staleness_sum += n * (version - g.group.policy_version)
+        self.reward_errors += sum(g.reward_error)
+        self.reward_timeouts += sum(g.reward_timeout)
+        self.reward_ungradable += sum(g.ungradable)
+        valid = [r for r, ok in zip(g.rewards, g.gradable, strict=True) if ok]
+        self.ungradable_groups += float(not valid)
+        # No learning signal: identical rewards among the gradable completions, or none.
+        self.zero_std_groups += float(not valid or max(valid) == min(valid))
+
+    def merge(self, other: StepStats) -> StepStats:
+        out = StepStats()
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "components":
+                combined = {k: [x + y for x, y in zip(a.get(k, [0.0, 0.0]), b.get(k, [0.0, 0.0]), strict=True)]
+                            for k in a.keys() | b.keys()}
+            elif f.name.endswith("seconds") or f.name == "grad_norm":
+                combined = max(a, b)  # ranks run in parallel, the step takes the slowest
+            else:
+                combined = a + b
+            setattr(out, f.name, combined)
+        return out
+
+    def finalize(self) -> dict[str, float]:
+        def div(a: float, b: float) -> float:
+            return a / b if b else float("nan")
+
+        return {
+            "reward_mean": div(self.reward_sum, self.sequences),
+            "accuracy": div(self.accuracy_sum, self.accuracy_count),
+            "format_ok": div(self.format_sum, self.format_count),
+            "response_tokens_mean": div(self.response_tokens, self.sequences),
+            "truncated_frac": div(self.truncated, self.sequences),
+            "staleness_mean": div(self.staleness_sum, self.sequences),
+            "logprob_gap": div(self.gap_sum, self.gap_tokens),
+            "kl": div(self.kl_sum, self.loss_tokens),
+            "clip_frac": div(self.clip_count, self.loss_tokens),
+            "surrogate_loss": div(self.surrogate_sum, self.loss_tokens),
+            "zero_std_group_frac": div(self.zero_std_groups, self.groups),
+            "reward_errors": self.reward_errors,
+            "reward_timeouts": self.reward_timeouts,
+            "reward_ungradable": self.reward_ungradable,
+            "ungradable_groups": self.ungradable_groups,
+            "learner_tokens_per_s": div(self.response_tokens, self.learner_seconds),
+            "grad_norm": self.grad_norm,
+            **{f"reward/{k}": div(total, n) for k, (total, n) in sorted(self.components.items())},
+        }
+
+
+def group_advantages_of(g: ScoredGroup, config: GRPOLossConfig) -> torch.Tensor:
+    """``[G]`` float32 advantages of one scored group under ``config``'s conventions;
+    completions no rule reward could grade get 0 and stay out of the group's statistics."""
+    # Only groups with an ungradable completion take the masked path, so the others keep
+    # the unmasked statistics bit for bit.
+    valid = None if all(g.gradable) else torch.tensor([g.gradable])  # [1, G]
+    return grpo.group_advantages(
+        torch.tensor(g.rewards, dtype=torch.float32)[None], std_ddof=config.advantage_std_ddof,
+        eps=config.advantage_eps, scale_by_std=config.scale_advantages_by_std, valid=valid,
+    )[0]  # [G]
+
+
+class GRPOLearner(LearnerRank):
+    """One data-parallel rank of GRPO. Rank 0 also sends weight pushes."""
+
+    def __init__(self, model_path: str, config: LearnerConfig, *, loss: GRPOLossConfig, rank: int,
+                 world_size: int, temperature: float, groups_per_rank: int, samples_per_prompt: int,
+                 max_new_tokens: int, seed: int = 0) -> None:
+        """A step is ``groups_per_rank`` groups of ``samples_per_prompt`` on each of
+        ``world_size`` ranks, in micro-batches of ``config.micro_batch_groups`` groups,
+        under the loss conventions of ``loss`` (the stage's ``loss`` section).
+        ``temperature``: the sampling temperature (log-probs are taken at it).
+        ``max_new_tokens``: the generation budget, Dr. GRPO's loss normaliser."""
+        super().__init__(model_path, config, rank=rank, world_size=world_size, seed=seed)
+        if groups_per_rank % config.micro_batch_groups:
+            raise ValueError(f"groups_per_rank ({groups_per_rank}) must be a multiple of "
+                             f"learner.micro_batch_groups ({config.micro_batch_groups})")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (rollout.max_new_tokens), got {max_new_tokens}")
+        self.loss = loss
+        self.temperature = temperature
+        self.groups_per_rank = groups_per_rank
+        self.samples_per_prompt = samples_per_prompt
+        self.max_new_tokens = max_new_tokens
+        self._inbox: queue.Queue = queue.Queue()
+        self._weight_group = None
+        self._weight_spec: WeightSpec | None = None
+        self._push_buffers: list[torch.Tensor] | None = None
+
+    def _engine_shape(self) -> EngineShape:
+        micro = self.config.micro_batch_groups
+        return EngineShape(self.rank, self.world_size, micro_batch_sequences=micro * self.samples_per_prompt,
+                           accumulation_steps=self.groups_per_rank // micro)
+
+    # -- streaming input ----------------------------------------------------------------
+    def feed(self, refs: Sequence) -> int:
+        """Queue ScoredGroup ObjectRefs (nested in a list, so Ray does not resolve them)."""
+        for r in refs:
+            self._inbox.put(r)
+        return self._inbox.qsize()
+
+    def _next_group(self) -> tuple[ScoredGroup, float]:
+        import ray
+
+        start = time.monotonic()
+        item = self._inbox.get()
+        group = ray.get(item) if isinstance(item, ray.ObjectRef) else item
+        return group, time.monotonic() - start
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, step: int) -> StepStats:
+        """Consume ``groups_per_rank`` groups (as they arrive), update, return stats."""
+        cfg, loss = self.config, self.loss
+        stats = StepStats()
+        num_sequences = self.groups_per_rank * self.samples_per_prompt * self.world_size
+        streaming = loss.loss_aggregation != "token_mean"  # token_mean needs the global token count first
+        batches: list[TrainBatch] = []
+        pending: list[ScoredGroup] = []
+        compute = 0.0
+        for _ in range(self.groups_per_rank):
+            group, waited = self._next_group()
+            stats.wait_seconds += waited
+            stats.count(group, self.version)
+            pending.append(group)
+            if len(pending) == cfg.micro_batch_groups:
+                batch = self._collate(pending)
+                pending = []
+                batches.append(batch)
+                if streaming:  # backward on each micro-batch as soon as it is complete
+                    t0 = time.monotonic()
+                    self._backward(batch, stats, num_sequences, None, first_pass=True)
+                    compute += time.monotonic() - t0
+        t0 = time.monotonic()
+        num_tokens = int(self.engine.all_reduce_sum(float(sum(b.num_response_tokens for b in batches))))
+        for p in range(loss.updates_per_batch):
+            if not (p == 0 and streaming):
+                for batch in batches:
+                    self._backward(batch, stats, num_sequences, num_tokens, first_pass=(p == 0))
+            stats.grad_norm = self.engine.grad_norm()
+        compute += time.monotonic() - t0
+        stats.learner_seconds = compute
+        self.version += 1
+        return stats
+
+    def _backward(self, batch: TrainBatch, stats: StepStats, num_sequences: int,
+                  num_tokens: int | None, *, first_pass: bool) -> None:
+        cfg = self.loss
+        b = batch.to(self.engine.device)
+        logp = model_logprobs(self.engine, b.input_ids, b.attention_mask, temperature=self.temperature)  # [N, T]
+        if first_pass:
+            gap = grpo.logprob_gap(logp.detach(), b.old_logprobs, b.loss_mask)
+            n_tok = float(b.loss_mask.sum())
+            stats.gap_sum += float(gap) * n_tok
+            stats.gap_tokens += n_tok
+        loss, m = grpo.grpo_loss(
+            logp, b.old_logprobs, b.ref_logprobs, b.advantages, b.loss_mask,
+            beta=cfg.kl_coef, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+            agg_mode=cfg.loss_aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
+            max_tokens=self.max_new_tokens, kl_log_ratio_clip=cfg.kl_log_ratio_clip,
+        )
+        if first_pass:
+            stats.loss_tokens += float(m.token_count)
+            stats.surrogate_sum += float(m.surrogate_sum)
+            stats.clip_count += float(m.clip_low_count + m.clip_high_count)
+            if not math.isnan(float(m.kl_sum)):
+                stats.kl_sum += float(m.kl_sum)
+        self.engine.backward_step(loss)
+
+    def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
+        return collate(groups, [group_advantages_of(g, self.loss) for g in groups], self.engine.pad_id)
+
+    # -- weights ----------------------------------------------------------------------------
+    def weight_spec(self) -> WeightSpec:
+        if self._weight_spec is None:
+            self._weight_spec = WeightSpec.of(self.engine.named_full_params(), self.config.weight_push_bucket_bytes)
+        return self._weight_spec
+
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
+        if self.rank == 0:
+            self._weight_group = create_group(host, port, 0, world_size, backend=backend)
+        return self.rank
+
+    def push_weights(self, version: int) -> float:
+        """Broadcast the current weights (rank 0; other ranks join a ZeRO-3 gather)."""
+        start = time.monotonic()
+        named = self.engine.named_full_params()
+        if self.rank == 0:
+            if self._weight_group is None:
+                raise RuntimeError("init_weight_group must run before push_weights")
+            spec = self.weight_spec()
+            if self._push_buffers is None:
+                self._push_buffers = spec.allocate(named[0][1].device)
+            send_weights(self._weight_group, spec, [t for _, t in named], self._push_buffers)
+        return time.monotonic() - start
+
+    # -- inspection -------------------------------------------------------------------------
+    def sequence_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
+        """Log-probs of ``response_ids`` after ``prompt_ids`` under the current weights, at
+        the sampling temperature."""
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self.engine.device)  # [1, T]
+        with torch.no_grad():
+            lp = model_logprobs(self.engine, ids, None, temperature=self.temperature)[0]  # [T]
+        return lp[len(prompt_ids) :].tolist()
