@@ -28,4 +28,6 @@ def test_one_step_ahead_gives_staleness_one(ray_local, tiny_model, tmp_path):
     # one version before the learner's (they were launched before the previous push).
     assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    # Reward bookkeeping reaches metrics.jsonl through StepStats.finalize.
+    assert all({"reward_errors", "reward_timeouts", "reward_ungradable", "ungradable_groups"} <= r.keys() for r in rows)
     assert (run_dir / "final" / "model.safetensors").exists()
