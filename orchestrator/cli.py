@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -308,21 +307,15 @@ def resume(run: Annotated[str, typer.Argument(help="run name")]) -> None:
     console.print(f"resumed {run} as job {job_id}")
 
 
-def _register_optional() -> None:
-    import importlib
+def _register_tools() -> None:
+    from orchestrator.tools import plan, report, verify_math
 
-    for command, module in (("verify-math", "orchestrator.tools.verify_math"), ("plan", "orchestrator.tools.plan"),
-                            ("report", "orchestrator.tools.report")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-        else:
-            app.command(command)(mod.command)
+    app.command("verify-math")(verify_math.command)
+    app.command("plan")(plan.command)
+    app.command("report")(report.command)
 
 
-_register_optional()
+_register_tools()
 
 if __name__ == "__main__":
     app()

@@ -65,8 +65,10 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
         return DEFAULT_LOCAL
     except Exception:  # noqa: BLE001 - no head yet: start one
         pass
+    from orchestrator import placement
+
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--dashboard-host", "127.0.0.1",
-           "--num-cpus", str(num_cpus or max(4, os.cpu_count() or 1))]
+           "--num-cpus", str(placement.local_cpus(num_cpus))]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     for _ in range(60):
         try:

@@ -29,25 +29,7 @@ class StageError(ValueError):
     """A stage cannot start: the message says what is missing and how to fix it."""
 
 
-def available() -> list[str]:
-    out = []
-    for name, module in STAGES.items():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        out.append(name)
-    return out
-
-
 def load_stage(name: str) -> ModuleType:
     if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; choose one of {', '.join(available())}")
-    try:
-        return importlib.import_module(STAGES[name])
-    except ModuleNotFoundError as err:
-        if err.name == STAGES[name]:
-            raise StageError(f"stage {name!r} is not available in this version of r1lab") from None
-        raise
+        raise StageError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name])

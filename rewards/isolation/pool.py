@@ -218,9 +218,6 @@ class ScoringPool:
     # --- public ---------------------------------------------------------------
 
     @property
-    def reward_names(self) -> list[str]:
-        return list(self._names)
-
     def score(self, items: Sequence[tuple[str, str]],
               names: Sequence[str] | None = None) -> list[dict[str, RewardResult]]:
         """Per item, reward name -> result, for ``(response, reference)`` items.
