@@ -217,7 +217,6 @@ class ScoringPool:
 
     # --- public ---------------------------------------------------------------
 
-    @property
     def score(self, items: Sequence[tuple[str, str]],
               names: Sequence[str] | None = None) -> list[dict[str, RewardResult]]:
         """Per item, reward name -> result, for ``(response, reference)`` items.
