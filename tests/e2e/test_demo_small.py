@@ -39,7 +39,7 @@ def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
     # The session's base model is the demo's (same builder, same seed): reuse it.
     shutil.copytree(tiny_base_model, out / "models" / "tiny-addition")
     said: list[str] = []
-    settings = dict(rl_steps=16, eval_prompts=16, k=4, pretrain_steps=200, sample_prompts=256, progress=said.append)
+    settings = dict(rl_steps=24, eval_prompts=16, k=4, pretrain_steps=200, sample_prompts=256, progress=said.append)
     demo_dir = run_demo(out, **settings)
 
     results = json.loads((demo_dir / "results.json").read_text())
@@ -56,7 +56,7 @@ def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
     # and RL for all scenarios raises the harmlessness reward model's score.
     for run in (demo_dir / "r1zero", demo_dir / "r1" / "reasoning_rl"):
         acc = [m["accuracy"] for m in read_metrics(run)]
-        assert len(acc) == 16
+        assert len(acc) == 24
         assert _mean(acc[-4:]) > _mean(acc[:4]), (run.name, acc)
     # (null on a step that drew no general prompt)
     harmless = [m["reward/harmlessness"] for m in read_metrics(demo_dir / "r1" / "rl_all")
