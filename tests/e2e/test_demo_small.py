@@ -31,6 +31,7 @@ def own_ray():
         ray.shutdown()
 
 
+@pytest.mark.timeout(1800)  # a whole recipe, nine evaluations and a rerun: past the 900 s default on a loaded 2-core machine
 def test_cut_down_demo_learns_and_resumes(tiny_base_model, tmp_path, own_ray):
     from orchestrator.tools.demo import run_demo
     from orchestrator.metrics import read_metrics
