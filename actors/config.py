@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,3 +36,13 @@ class ReferenceConfig(BaseModel):
 
     micro_batch_sequences: int = Field(default=16, ge=1)
     dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(frozen=True)
+class EngineBundles:
+    """Where a tensor-parallel engine's vLLM workers go: worker ``i`` on bundle
+    ``bundle_indices[i]`` of the engine actor's own placement group, each taking
+    ``gpus_per_worker`` GPUs of it (``orchestrator.placement`` decides both)."""
+
+    bundle_indices: tuple[int, ...]
+    gpus_per_worker: float

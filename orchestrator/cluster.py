@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from actors.config import ReferenceConfig, RolloutConfig
+from actors.config import EngineBundles, ReferenceConfig, RolloutConfig
 from learner.config import GRPOLossConfig, LearnerConfig
 from orchestrator import placement
 from orchestrator.config import ClusterConfig
@@ -132,7 +132,7 @@ class StageParts:
 class StageActors:
     """Handles of a stage's actors. The driver holds handles and ObjectRefs, no weights."""
 
-    pg: object
+    pg: placement.Placement | None  # the stage's placement groups
     learners: list = field(default_factory=list)
     rollouts: list = field(default_factory=list)
     rewards: list = field(default_factory=list)
@@ -160,11 +160,12 @@ def start(parts: StageParts, roles: Sequence[str]) -> StageActors:
         raise ValueError("the reward role needs at least one reward set (StageParts.reward_sets)")
     connect(parts.cluster.address, num_cpus=parts.cluster.num_cpus)
     p = parts.plan(roles)
-    actors = StageActors(pg=placement.create_placement_group(p))
+    actors = StageActors(pg=placement.create_placement_groups(p))
     try:
         env = placement.actor_env()
         for a in p.actors:
-            _start_actor(parts, a, placement.options_for(actors.pg, a, env=env), actors)
+            _start_actor(parts, a, placement.options_for(actors.pg, a, env=env), actors,
+                         bundles=placement.engine_bundles(p, a, parts.cluster))
         _wait_ready(actors)
     except BaseException:
         actors.shutdown()
@@ -177,7 +178,8 @@ def _remote(cls: type):
     return ray.remote(cls)
 
 
-def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: StageActors) -> None:
+def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: StageActors, *,
+                 bundles: EngineBundles | None = None) -> None:
     from actors.reference import ReferenceActor
     from actors.reward import RewardActor
     from actors.reward_model import RewardModelActor
@@ -192,7 +194,7 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
             seed=parts.seed, **spec.kwargs()))
     elif a.role == "rollout":
         actors.rollouts.append(_remote(RolloutActor).options(**opts).remote(
-            parts.model_path, parts.rollout, a.index, run_name=parts.run_name))
+            parts.model_path, parts.rollout, a.index, run_name=parts.run_name, bundles=bundles))
     elif a.role == "reference":
         actors.reference = _remote(ReferenceActor).options(**opts).remote(
             parts.model_path, parts.reference, temperature=parts.rollout.temperature)

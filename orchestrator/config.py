@@ -76,6 +76,31 @@ class GRPOConfig(_Frozen):
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = only the final one")
 
 
+ROLE_NAMES = ("learner", "rollout", "reference", "reward", "reward_model")  # orchestrator.placement.ROLES
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class RoleConfig(_Frozen):
+    """Where one role's actors may run: Ray resources added to each of its bundles (or to
+    the actor itself where it has no bundle), e.g. ``{node_a: 0.01}`` for a custom
+    resource a node was started with (``ray start --resources``) or
+    ``{"accelerator_type:H100": 0.001}`` for the label Ray gives GPU nodes."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = sorted(set(v) & set(RAY_BUILTIN_RESOURCES))
+        if builtin:
+            raise ValueError(f"{builtin} are set by cluster.cpus_per_actor / cluster.gpus_per_*; "
+                             "cluster.roles.<role>.resources names custom resources only")
+        bad = sorted(k for k, amount in v.items() if not k or amount <= 0)
+        if bad:
+            raise ValueError(f"resources {bad}: a name must be non-empty and its amount above 0")
+        return v
+
+
 class ClusterConfig(_Frozen):
     """How many actors of each role, and their resources. These numbers are read by
     orchestrator/placement.py only; a stage uses the counts of the roles it starts."""
@@ -91,8 +116,20 @@ class ClusterConfig(_Frozen):
     gpus_per_reference: float = Field(default=0, ge=0)
     gpus_per_reward_model: float = Field(default=0, ge=0, description="for rewards.reward_models (§2.3.4)")
     cpus_per_actor: float = Field(default=0.5, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="of the learner ranks, reference and reward model (each rollout "
+        "engine's bundles are a group of their own on one node)")
     colocate_reference_with_learner: bool = True
+    roles: dict[str, RoleConfig] = Field(default_factory=dict, description="per role: the nodes it may use, "
+                                         "by custom resources (cluster.roles.learner.resources)")
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        unknown = sorted(set(v) - set(ROLE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown roles {unknown} in cluster.roles; roles are {', '.join(ROLE_NAMES)}")
+        return v
 
 
 class LoggingConfig(_Frozen):

@@ -1,11 +1,27 @@
 """All placement: which actor goes where, with what resources. Driven by config alone.
 
 A stage names the roles it starts (``ROLES``); ``plan`` turns them and the ``cluster``
-section into one placement group — a bundle per learner rank, per rollout engine, for the
-reference model and for the reward-model actor — and every actor's share of its bundle.
+section into bundles of one GPU at most (a bundle per learner rank, per tensor-parallel
+worker of each rollout engine, for the reference model and for the reward-model actor)
+and every actor's share of its bundle. The bundles form placement groups:
+
+- the stage's group: learner ranks, reference, reward model, under
+  ``cluster.placement_strategy`` (PACK or SPREAD let learner ranks span nodes);
+- one group per rollout engine: its ``rollout.tensor_parallel_size`` bundles, STRICT_PACK,
+  so the engine's workers share a node. Ray gives a placement group one strategy for all
+  its bundles, so "these bundles on one node, those anywhere" needs separate groups.
+
+A tensor-parallel engine actor sits in its group's bundle 0 and captures child tasks:
+vLLM's Ray executor, started inside it, finds the group with
+``ray.util.get_current_placement_group()`` and puts worker ``i`` on bundle ``i``
+(``actors.config.EngineBundles`` names them). A one-GPU engine runs vLLM in its own
+process, as on one machine.
+
 Co-location is decided here and nowhere else: with ``cluster.colocate_reference_with_learner``
 the reference model takes half of learner rank 0's bundle, which is sized for both, instead
 of a bundle of its own. Reward actors need no accelerator and float free (no bundle).
+``cluster.roles.<role>.resources`` (custom resources, e.g. a node's name) are added to each
+bundle of the role, or to the actor itself where it has no bundle.
 ``orchestrator.cluster`` starts what the plan says; ``r1lab plan`` prints the same plan.
 """
 
@@ -14,36 +30,54 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.config import EngineBundles
+
 log = logging.getLogger(__name__)
 
 ROLES = ("learner", "rollout", "reference", "reward", "reward_model")
 COLOCATED_SHARE = 0.5  # of learner rank 0's bundle, each, for it and the reference model
 MIN_LOCAL_CPUS = 4  # an embedded local cluster has at least this many CPUs
+ENGINE_STRATEGY = "STRICT_PACK"  # a tensor-parallel engine's workers share one node
+STAGE_GROUP = "stage"
 
 
 @dataclass(frozen=True)
 class BundlePlan:
     role: str  # the role the bundle was made for
-    index: int  # bundle index in the placement group
+    index: int  # bundle index in the plan (over all its groups)
     resources: dict[str, float]
+    group: int = 0  # index of its group in PlacementPlan.groups
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One placement group: ``bundles`` are plan bundle indices, in the group's order."""
+
+    name: str  # "stage", or the rollout engine's name
+    strategy: str
+    bundles: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """One actor: its bundle (None: no bundle) and what it asks of it."""
+    """One actor: its bundle (None: no bundle) and what it asks of it. ``resources``: the
+    custom resources an actor without a bundle asks for. ``worker_bundles``: the bundles of
+    a tensor-parallel engine's vLLM workers, in its group (the actor itself sits in the first)."""
 
     role: str
     index: int  # among the actors of its role
     bundle: int | None
     num_cpus: float
     num_gpus: float
+    resources: dict[str, float] = field(default_factory=dict)
+    worker_bundles: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -55,48 +89,103 @@ class PlacementPlan:
     bundles: tuple[BundlePlan, ...]
     actors: tuple[ActorPlan, ...]
     strategy: str
+    groups: tuple[GroupPlan, ...] = ()
 
     def of(self, role: str) -> list[ActorPlan]:
         return [a for a in self.actors if a.role == role]
 
+    def in_group(self, bundle: int) -> tuple[int, int]:
+        """(group index, bundle index inside that group) of plan bundle ``bundle``."""
+        g = self.bundles[bundle].group
+        return g, self.groups[g].bundles.index(bundle)
+
+    def specs(self) -> list[tuple[list[dict[str, float]], str]]:
+        """What Ray is asked for: each group's bundle resources and strategy, in group order."""
+        return [([self.bundles[b].resources for b in g.bundles], g.strategy) for g in self.groups]
+
+
+def role_resources(cluster, role: str) -> dict[str, float]:
+    """``cluster.roles.<role>.resources``: custom resources that steer the role to nodes."""
+    spec = cluster.roles.get(role)
+    return dict(spec.resources) if spec is not None else {}
+
+
+def _sum(*parts: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            if v:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _check_engine_gpus(c, tensor_parallel_size: int) -> None:
+    if tensor_parallel_size > 1 and c.gpus_per_rollout_engine > 1:
+        raise ValueError(
+            f"cluster.gpus_per_rollout_engine is {c.gpus_per_rollout_engine} with rollout.tensor_parallel_size "
+            f"{tensor_parallel_size}: each tensor-parallel worker takes one bundle of at most one GPU "
+            "(vLLM's Ray executor refuses more); set cluster.gpus_per_rollout_engine=1")
+
 
 def plan(cluster, roles: Sequence[str], *, tensor_parallel_size: int = 1, reward_sets: int = 1) -> PlacementPlan:
-    """Bundles and actors for ``roles`` (``cluster`` is a ``ClusterConfig``); ``reward_sets``
-    pools of ``cluster.reward_actors`` reward actors each."""
+    """Bundles, groups and actors for ``roles`` (``cluster`` is a ``ClusterConfig``);
+    ``reward_sets`` pools of ``cluster.reward_actors`` reward actors each."""
     unknown = sorted(set(roles) - set(ROLES))
     if unknown:
         raise ValueError(f"unknown roles {unknown}; roles are {', '.join(ROLES)}")
     c = cluster
+    _check_engine_gpus(c, tensor_parallel_size)
     bundles: list[BundlePlan] = []
     actors: list[ActorPlan] = []
+    engine_groups: list[tuple[str, list[int]]] = []
 
-    def bundle(role: str, cpus: float, gpus: float) -> int:
-        bundles.append(BundlePlan(role, len(bundles), {k: v for k, v in {"CPU": cpus, "GPU": gpus}.items() if v}))
+    def bundle(role: str, cpus: float, gpus: float, extra: dict[str, float]) -> int:
+        bundles.append(BundlePlan(role, len(bundles), _sum({"CPU": cpus, "GPU": gpus}, extra)))
         return len(bundles) - 1
 
+    res = {r: role_resources(c, r) for r in ROLES}
     colocate = "learner" in roles and "reference" in roles and c.colocate_reference_with_learner
     if "learner" in roles:
         for rank in range(c.learner_workers):
             if colocate and rank == 0:
-                b = bundle("learner", c.cpus_per_actor * 2, c.gpus_per_learner)
+                b = bundle("learner", c.cpus_per_actor * 2, c.gpus_per_learner, _sum(res["learner"], res["reference"]))
                 actors.append(ActorPlan("learner", rank, b, c.cpus_per_actor, c.gpus_per_learner * COLOCATED_SHARE))
                 actors.append(ActorPlan("reference", 0, b, c.cpus_per_actor, c.gpus_per_learner * COLOCATED_SHARE))
             else:
-                b = bundle("learner", c.cpus_per_actor, c.gpus_per_learner)
+                b = bundle("learner", c.cpus_per_actor, c.gpus_per_learner, res["learner"])
                 actors.append(ActorPlan("learner", rank, b, c.cpus_per_actor, c.gpus_per_learner))
     if "rollout" in roles:
-        gpus = c.gpus_per_rollout_engine * tensor_parallel_size
         for i in range(c.rollout_engines):
-            actors.append(ActorPlan("rollout", i, bundle("rollout", c.cpus_per_actor, gpus), c.cpus_per_actor, gpus))
+            own = [bundle("rollout", c.cpus_per_actor, c.gpus_per_rollout_engine, res["rollout"])
+                   for _ in range(tensor_parallel_size)]
+            engine_groups.append((f"rollout.{i}", own))
+            if tensor_parallel_size == 1:  # vLLM runs in the actor's process, on its bundle
+                actors.append(ActorPlan("rollout", i, own[0], c.cpus_per_actor, c.gpus_per_rollout_engine))
+            else:  # the actor drives vLLM's workers, one per bundle, and holds no GPU itself
+                actors.append(ActorPlan("rollout", i, own[0], c.cpus_per_actor, 0.0, worker_bundles=tuple(own)))
     if "reference" in roles and not colocate:
-        b = bundle("reference", c.cpus_per_actor, c.gpus_per_reference)
+        b = bundle("reference", c.cpus_per_actor, c.gpus_per_reference, res["reference"])
         actors.append(ActorPlan("reference", 0, b, c.cpus_per_actor, c.gpus_per_reference))
     if "reward_model" in roles:
-        b = bundle("reward_model", c.cpus_per_actor, c.gpus_per_reward_model)
+        b = bundle("reward_model", c.cpus_per_actor, c.gpus_per_reward_model, res["reward_model"])
         actors.append(ActorPlan("reward_model", 0, b, c.cpus_per_actor, c.gpus_per_reward_model))
     if "reward" in roles:
-        actors += [ActorPlan("reward", i, None, c.cpus_per_actor, 0.0) for i in range(c.reward_actors * reward_sets)]
-    return PlacementPlan(tuple(bundles), tuple(actors), c.placement_strategy)
+        actors += [ActorPlan("reward", i, None, c.cpus_per_actor, 0.0, resources=res["reward"])
+                   for i in range(c.reward_actors * reward_sets)]
+    return _grouped(bundles, actors, c.placement_strategy, engine_groups)
+
+
+def _grouped(bundles: list[BundlePlan], actors: list[ActorPlan], strategy: str,
+             engine_groups: list[tuple[str, list[int]]]) -> PlacementPlan:
+    """The plan with each bundle assigned to its group: the stage's first (if it has
+    bundles), then one group per rollout engine."""
+    in_engines = {b for _, own in engine_groups for b in own}
+    stage = tuple(b.index for b in bundles if b.index not in in_engines)
+    groups = ([GroupPlan(STAGE_GROUP, strategy, stage)] if stage else [])
+    groups += [GroupPlan(name, ENGINE_STRATEGY, tuple(own)) for name, own in engine_groups]
+    group_of = {b: g for g, grp in enumerate(groups) for b in grp.bundles}
+    bundles = [BundlePlan(b.role, b.index, b.resources, group_of[b.index]) for b in bundles]
+    return PlacementPlan(tuple(bundles), tuple(actors), strategy, tuple(groups))
 
 
 def grpo_roles(cfg) -> tuple[str, ...]:
@@ -111,41 +200,72 @@ def grpo_plan(cfg) -> PlacementPlan:
     return plan(cfg.cluster, grpo_roles(cfg), tensor_parallel_size=cfg.rollout.tensor_parallel_size)
 
 
-def create_placement_group(p: PlacementPlan, timeout_s: float = 300.0) -> PlacementGroup | None:
-    """The placement group of ``p``'s bundles (None when it has none)."""
+@dataclass(frozen=True)
+class Placement:
+    """A plan's placement groups on the cluster, one per ``plan.groups`` entry."""
+
+    plan: PlacementPlan
+    groups: tuple[PlacementGroup, ...]
+
+
+def create_placement_groups(p: PlacementPlan, timeout_s: float = 300.0) -> Placement | None:
+    """The placement groups of ``p``, all ready (None when it has no bundles). On failure
+    none is left behind, and the error names the groups Ray could not place."""
     if not p.bundles:
         return None
-    pg = placement_group([b.resources for b in p.bundles], strategy=p.strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
+    groups = tuple(placement_group(bundles, strategy=strategy) for bundles, strategy in p.specs())
+    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) == len(groups):
+        return Placement(p, groups)
+    waiting = [g for g, pg in zip(p.groups, groups, strict=True) if not _is_ready(pg)]
+    for pg in groups:
         remove_placement_group(pg)
-        need: dict[str, float] = {}
-        for b in p.bundles:
-            for k, v in b.resources.items():
-                need[k] = need.get(k, 0) + v
-        raise RuntimeError(
-            f"the cluster cannot place {len(p.bundles)} bundles needing {need} "
-            f"(available: {ray.available_resources()}); lower cluster.learner_workers / "
-            "cluster.rollout_engines or the per-actor resources in cluster.*"
-        )
-    return pg
+    raise RuntimeError(
+        f"the cluster cannot place {', '.join(_describe(p, g) for g in waiting)} within {timeout_s:.0f} s "
+        f"(available: {ray.available_resources()}); lower cluster.learner_workers / cluster.rollout_engines / "
+        "rollout.tensor_parallel_size or the per-actor resources in cluster.*, or check that nodes offer "
+        "the resources named in cluster.roles")
 
 
-def release(pg: PlacementGroup | None) -> None:
-    if pg is not None:
-        remove_placement_group(pg)
+def _is_ready(pg: PlacementGroup) -> bool:
+    ready, _ = ray.wait([pg.ready()], timeout=0)
+    return bool(ready)
 
 
-def options_for(pg: PlacementGroup | None, actor: ActorPlan, *, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``.options(...)`` for ``actor``: its resources, in its bundle of ``pg`` if it has one."""
+def _describe(p: PlacementPlan, g: GroupPlan) -> str:
+    need = _sum(*(p.bundles[b].resources for b in g.bundles))
+    return f"group {g.name!r} ({len(g.bundles)} bundles, {g.strategy}, needing {need})"
+
+
+def release(placed: Placement | None) -> None:
+    if placed is not None:
+        for pg in placed.groups:
+            remove_placement_group(pg)
+
+
+def options_for(placed: Placement | None, actor: ActorPlan, *, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``.options(...)`` for ``actor``: its resources, in its bundle of its group if it has
+    one. A tensor-parallel engine captures its child tasks: vLLM's workers join its group."""
     opts: dict[str, Any] = {"num_cpus": actor.num_cpus, "num_gpus": actor.num_gpus}
+    if actor.resources:
+        opts["resources"] = dict(actor.resources)
     if actor.bundle is not None:
+        group, index = placed.plan.in_group(actor.bundle)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=actor.bundle
+            placement_group=placed.groups[group], placement_group_bundle_index=index,
+            placement_group_capture_child_tasks=bool(actor.worker_bundles),
         )
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts
+
+
+def engine_bundles(p: PlacementPlan, actor: ActorPlan, cluster) -> EngineBundles | None:
+    """The bundles, in its own group, that a tensor-parallel engine hands vLLM's workers."""
+    if not actor.worker_bundles:
+        return None
+    return EngineBundles(tuple(p.in_group(b)[1] for b in actor.worker_bundles),
+                         gpus_per_worker=cluster.gpus_per_rollout_engine)
 
 
 def control_options() -> dict[str, Any]:

@@ -5,11 +5,14 @@ with what share of it, come from ``orchestrator.placement.grpo_plan`` (what the 
 stage starts); the parameter count from the model's ``config.json`` (a local ``model.path``) or, for the
 hub ids the shipped GPU recipes use, from the built-in ``KNOWN_MODELS`` table.
 
-Placement: bundles are packed in order onto ``NODES`` nodes of ``GPUS`` GPUs each, the way
-a Ray placement group would under the config's strategy (PACK and SPREAD first-fit or
-round-robin; STRICT_PACK one node; STRICT_SPREAD one node per bundle). A bundle of ≥ 1 GPU
-takes whole free GPUs on one node; a fractional bundle shares a GPU with room left.
-Only GPUs are packed: nodes are assumed to have the CPUs the bundles ask for.
+Placement: the placement groups of ``placement.grpo_plan`` (the stage's group under the
+config's strategy, then one STRICT_PACK group per rollout engine, its tensor-parallel
+bundles) are packed in that order onto ``NODES`` nodes of ``GPUS`` GPUs each, the way Ray
+would (PACK and SPREAD first-fit or round-robin; STRICT_PACK the first node with room for
+the whole group; STRICT_SPREAD one node per bundle). A bundle of ≥ 1 GPU takes whole free
+GPUs on one node; a fractional bundle shares a GPU with room left. Only GPUs are packed:
+nodes are assumed to have the CPUs and the custom resources (``cluster.roles``) the
+bundles ask for; the plan lists the latter.
 
 Memory per GPU (bytes; P parameters; L learner ranks; b = bytes of the learner dtype,
 2 for bf16 and 4 for fp32) — estimates, not measurements:
@@ -164,6 +167,7 @@ class Plan:
     actors: tuple[Placed, ...]
     problems: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    placement: placement.PlacementPlan | None = None  # the bundles and groups the runtime asks Ray for
 
     @property
     def ok(self) -> bool:
@@ -257,46 +261,83 @@ def rollout_memory(cfg, m: ModelShape, gpu_memory_bytes: int, gpus: int) -> dict
 
 # -- packing -----------------------------------------------------------------------------
 
-def _pack(bundles, strategy: str, nodes: int, gpus_per_node: int) -> tuple[list[tuple[int | None, tuple[int, ...]]], list[str]]:
-    free = [[1.0] * gpus_per_node for _ in range(nodes)]
-    out: list[tuple[int | None, tuple[int, ...]]] = []
-    problems: list[str] = []
-    used_nodes: set[int] = set()
-    for i, bundle in enumerate(bundles):
-        g = bundle.resources.get("GPU", 0.0)
-        if strategy == "STRICT_PACK":
-            order = [0]
-        elif strategy == "STRICT_SPREAD":
-            order = [n for n in range(nodes) if n not in used_nodes]
-        elif strategy == "SPREAD":
-            order = [(i + k) % nodes for k in range(nodes)]
+Spot = tuple[int | None, tuple[int, ...]]  # a bundle's node (None: unplaced) and GPUs on it
+
+
+def _fit(g: float, free: list[float]) -> tuple[int, ...] | None:
+    """GPUs of one node (``free``: the unclaimed share of each) that take a bundle of ``g``
+    GPUs: whole free GPUs for ``g >= 1``, room on one GPU for a fraction; claims them."""
+    if g >= 1:
+        whole = [k for k, f in enumerate(free) if f >= 1.0][: int(g)]
+        if len(whole) < int(g):
+            return None
+        for k in whole:
+            free[k] = 0.0
+        return tuple(whole)
+    part = next((k for k, f in enumerate(free) if f + 1e-9 >= g), None)
+    if part is None:
+        return None
+    free[part] -= g
+    return (part,)
+
+
+def _pack_bundle(g: float, order: list[int], free: list[list[float]]) -> Spot:
+    if g == 0:
+        return (order[0], ()) if order else (None, ())
+    for n in order:
+        gpus = _fit(g, free[n])
+        if gpus is not None:
+            return n, gpus
+    return None, ()
+
+
+def _pack_group(gp, bundles, free: list[list[float]], nodes: int) -> dict[int, Spot]:
+    """One placement group's bundles, the way Ray would under its strategy: PACK first-fit,
+    SPREAD round-robin, STRICT_SPREAD one node per bundle, STRICT_PACK all on the first node
+    with room for every bundle (else none placed)."""
+    gpus = [bundles[b].resources.get("GPU", 0.0) for b in gp.bundles]
+    if gp.strategy == "STRICT_PACK":
+        for n in range(nodes):
+            trial = list(free[n])
+            spots = [_pack_bundle(g, [0], [trial]) for g in gpus]
+            if all(node is not None for node, _ in spots):
+                free[n][:] = trial
+                return {b: (n, s[1]) for b, s in zip(gp.bundles, spots, strict=True)}
+        return {b: (None, ()) for b in gp.bundles}
+    out: dict[int, Spot] = {}
+    used: set[int] = set()
+    for k, (b, g) in enumerate(zip(gp.bundles, gpus, strict=True)):
+        if gp.strategy == "STRICT_SPREAD":
+            order = [n for n in range(nodes) if n not in used]
+        elif gp.strategy == "SPREAD":
+            order = [(k + j) % nodes for j in range(nodes)]
         else:
             order = list(range(nodes))
-        placed: tuple[int | None, tuple[int, ...]] = (None, ())
-        if g == 0:
-            placed = (order[0], ()) if order else (None, ())
-        elif g >= 1 and g != int(g):
-            problems.append(f"bundle {i} ({bundle.role}) asks for {g} GPUs: Ray needs a whole number "
+        out[b] = _pack_bundle(g, order, free)
+        if out[b][0] is not None:
+            used.add(out[b][0])
+    return out
+
+
+def _pack(pp, nodes: int, gpus_per_node: int) -> tuple[list[Spot], list[str]]:
+    """Every bundle of ``pp`` (a ``placement.PlacementPlan``) on ``nodes`` × ``gpus_per_node``,
+    group after group in the order the runtime creates them."""
+    problems: list[str] = []
+    for b in pp.bundles:
+        g = b.resources.get("GPU", 0.0)
+        if g > 1 and g != int(g):
+            problems.append(f"bundle {b.index} ({b.role}) asks for {g} GPUs: Ray needs a whole number "
                             "above 1; set cluster.gpus_per_* to a whole number or a fraction below 1")
-        else:
-            for n in order:
-                if g >= 1:
-                    whole = [k for k, f in enumerate(free[n]) if f >= 1.0][: int(g)]
-                    if len(whole) == int(g):
-                        for k in whole:
-                            free[n][k] = 0.0
-                        placed = (n, tuple(whole))
-                        break
-                else:
-                    part = next((k for k, f in enumerate(free[n]) if f + 1e-9 >= g), None)
-                    if part is not None:
-                        free[n][part] -= g
-                        placed = (n, (part,))
-                        break
-        if placed[0] is not None:
-            used_nodes.add(placed[0])
-        out.append(placed)
-    return out, problems
+    bad = {b.index for b in pp.bundles if b.resources.get("GPU", 0.0) > 1
+           and b.resources["GPU"] != int(b.resources["GPU"])}
+    free = [[1.0] * gpus_per_node for _ in range(nodes)]
+    spots: dict[int, Spot] = {}
+    for gp in pp.groups:
+        if bad & set(gp.bundles):
+            spots.update({b: (None, ()) for b in gp.bundles})
+            continue
+        spots.update(_pack_group(gp, pp.bundles, free, nodes))
+    return [spots[b.index] for b in pp.bundles], problems
 
 
 # -- the plan ----------------------------------------------------------------------------
@@ -307,7 +348,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
     Pure: reads the model's config.json (or the built-in table) and nothing else."""
     m = model or model_shape(cfg.model.path)
     pp = placement.grpo_plan(cfg)
-    spots, problems = _pack(pp.bundles, pp.strategy, nodes, gpus_per_node)
+    spots, problems = _pack(pp, nodes, gpus_per_node)
     notes: list[str] = []
     actors = [_placed(cfg, m, a, spots, gpu_memory_bytes) for a in pp.actors]
     unplaced = [a for a in actors if a.node is None]
@@ -315,15 +356,20 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, gpu_memory_bytes: int, model:
         need = sum(b.resources.get("GPU", 0) for b in pp.bundles)
         problems.append(
             f"{len(unplaced)} actor(s) ({', '.join(a.name for a in unplaced)}) find no room: the bundles need "
-            f"{need:g} GPUs under {pp.strategy}, the cluster has {nodes * gpus_per_node} on {nodes} node(s); "
+            f"{need:g} GPUs ({pp.strategy} for the stage's group, {placement.ENGINE_STRATEGY} for each "
+            f"engine's), the cluster has {nodes * gpus_per_node} on {nodes} node(s); "
             "add nodes, or lower cluster.learner_workers / cluster.rollout_engines / rollout.tensor_parallel_size"
         )
     if gpus_per_node and not any(a.gpus for a in actors):
         notes.append("no actor asks for a GPU (cluster.gpus_per_* are 0): this config runs on CPUs")
 
-    plan = Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), (), tuple(notes))
+    notes += [f"{g.name}: bundles {', '.join(map(str, g.bundles))} in one placement group, {g.strategy}"
+              for g in pp.groups]
+    notes += [f"cluster.roles.{role}: every {role} bundle also asks for {resources}"
+              for role in placement.ROLES if (resources := placement.role_resources(cfg.cluster, role))]
+    plan = Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), (), tuple(notes), pp)
     problems += _memory_problems(cfg, plan)
-    return Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), tuple(problems), tuple(notes))
+    return Plan(nodes, gpus_per_node, gpu_memory_bytes, m, tuple(actors), tuple(problems), tuple(notes), pp)
 
 
 def _placed(cfg, m: ModelShape, a: placement.ActorPlan, spots, gpu_memory_bytes: int) -> Placed:
@@ -331,6 +377,10 @@ def _placed(cfg, m: ModelShape, a: placement.ActorPlan, spots, gpu_memory_bytes:
     if a.bundle is None:  # no bundle: floats free, no GPU
         return Placed(a.role, a.name, -1, 0, (), {})
     node, gpus = spots[a.bundle]
+    if a.worker_bundles:  # a tensor-parallel engine: one GPU per worker bundle, all on one node
+        placed = [spots[b] for b in a.worker_bundles]
+        node = placed[0][0] if all(n == placed[0][0] for n, _ in placed) else None
+        gpus = tuple(g for _, gs in placed for g in gs) if node is not None else ()
     if a.role == "rollout":
         return Placed(a.role, a.name, a.bundle, node, gpus, rollout_memory(cfg, m, gpu_memory_bytes, len(gpus)))
     if a.role == "learner":

@@ -61,7 +61,9 @@ def test_counts_come_from_cluster():
                "rollout.tensor_parallel_size=2", "cluster.gpus_per_rollout_engine=1")
     p = placement.grpo_plan(cfg)
     assert [len(p.of(r)) for r in ("learner", "rollout", "reference", "reward")] == [4, 3, 1, 2]
-    assert all(a.num_gpus == 2 for a in p.of("rollout"))  # tensor_parallel_size GPUs per engine
+    for a in p.of("rollout"):  # tensor_parallel_size GPUs per engine: a bundle of one GPU per worker
+        assert [p.bundles[b].resources["GPU"] for b in a.worker_bundles] == [1, 1]
+        assert a.bundle == a.worker_bundles[0] and a.num_gpus == 0  # vLLM's workers hold the GPUs
 
 
 def test_plan_prints_what_the_stage_starts():
