@@ -116,6 +116,8 @@ KNOWN_MODELS: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-Math-1.5B": _qwen25(1536, 28, 8960, 12, 4096, "built-in table (Qwen/Qwen2.5-Math-1.5B)"),
     "Qwen/Qwen2.5-0.5B-Instruct": _qwen25(896, 24, 4864, 14, 32768, "built-in table (Qwen/Qwen2.5-0.5B-Instruct)"),
     "Qwen/Qwen2.5-1.5B-Instruct": _qwen25(1536, 28, 8960, 12, 32768, "built-in table (Qwen/Qwen2.5-1.5B-Instruct)"),
+    "Qwen/Qwen2.5-7B": ModelShape(3584, 28, 18944, 152064, 28, 4, 128, False, True, 131072,
+                                  "built-in table (Qwen/Qwen2.5-7B)"),
 }
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import load_config
+from orchestrator.tools.plan import GiB, make_plan, parse_cluster
+from tests.recipes import load_recipe
 
 pytestmark = pytest.mark.unit
 
@@ -90,8 +91,15 @@ def test_schema_check_catches_a_typo() -> None:
     assert list(jsonschema.Draft7Validator(crd_schema("RayJob", "v1")).iter_errors(bad))
 
 
-def test_gpu_workers_have_gpus_shm_and_auth() -> None:
-    (_, cluster), = ray_docs("RayCluster")
+def cluster_specs() -> list[tuple[Path, dict]]:
+    """Every RayCluster spec: the shared cluster's and those RayJobs bring along."""
+    return [(p, d["spec"]) for p, d in ray_docs("RayCluster")] + [
+        (p, d["spec"]["rayClusterSpec"]) for p, d in ray_docs("RayJob") if "rayClusterSpec" in d["spec"]]
+
+
+@pytest.mark.parametrize("path, spec", cluster_specs(), ids=lambda x: getattr(x, "name", ""))
+def test_gpu_workers_have_gpus_shm_and_auth(path: Path, spec: dict) -> None:
+    cluster = {"spec": spec}
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in head["ports"]} >= {8265, 8080}
     for group in cluster["spec"]["workerGroupSpecs"]:
@@ -113,7 +121,7 @@ def test_rayjob_entrypoints_name_configs_that_load() -> None:
         config = Path(argv[argv.index("-c") + 1])
         assert (ROOT / config).is_file(), f"{path.name}: {config} is not in the repo"
         assert path.stem == f"rayjob-{config.stem}"
-        cfg = load_config(ROOT / config)
+        cfg = load_recipe(ROOT / config, argv[argv.index("-c") + 2:])
         assert cfg.learner.backend == "nccl" and cfg.cluster.gpus_per_learner > 0
         runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert "working_dir" in runtime_env or "image_uri" in runtime_env
@@ -123,7 +131,7 @@ def test_rayjob_entrypoints_name_configs_that_load() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "gpu").glob("*.yaml")), ids=lambda p: p.name)
 def test_gpu_recipes_load(path: Path) -> None:
-    cfg = load_config(path)
+    cfg = load_recipe(path)
     assert cfg.learner.dtype == "bf16" and cfg.learner.backend == "nccl"
     assert cfg.grpo.samples_per_prompt == 16 and cfg.rollout.temperature == 1.0
     assert cfg.cluster.gpus_per_rollout_engine > 0 and cfg.cluster.gpus_per_learner > 0
@@ -142,3 +150,35 @@ def test_grafana_dashboard_covers_every_metric() -> None:
     assert "ray_r1lab_reward_seconds{" not in text  # a histogram has no bare series
     assert all('run=~"$run"' in e for e in exprs)
     assert any(v["name"] == "run" for v in dash["templating"]["list"])
+
+
+def test_multi_node_rayjobs_bring_the_cluster_their_recipe_plans_for() -> None:
+    """A RayJob with a cluster of its own: its GPU workers are the nodes its recipe is
+    written for (the recipe's ``--cluster NxG``), the plan fits them, every pod mounts the
+    PVC of deploy/pvc.yaml at /data, and the run writes there (``run.storage``)."""
+    (pvc,) = [d for p, d in manifests() if d.get("kind") == "PersistentVolumeClaim"]
+    jobs = [(p, d) for p, d in ray_docs("RayJob") if "rayClusterSpec" in d["spec"]]
+    assert jobs, "no RayJob brings a multi-node cluster"
+    for path, job in jobs:
+        spec = job["spec"]
+        argv = shlex.split(spec["entrypoint"])
+        recipe = ROOT / argv[argv.index("-c") + 1]
+        written_for = re.search(r"--cluster (\d+x\d+)", recipe.read_text())
+        assert written_for, f"{recipe.name} names no --cluster NxG"
+        nodes, gpus = parse_cluster(written_for.group(1))
+        (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == nodes >= 2, path.name
+        worker = group["template"]["spec"]["containers"][0]
+        assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+        assert spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
+        assert "run.storage=/data/runs" in argv  # the PVC's mount, the same path on every node
+        plan = make_plan(load_recipe(recipe, argv[argv.index("-c") + 2:]), nodes, gpus, 80 * GiB)
+        assert plan.ok, "\n".join(plan.lines())
+        assert {a.node for a in plan.actors if a.gpus} == set(range(nodes))
+        pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], group["template"]["spec"]]
+        for pod in pods:
+            claims = {v["name"] for v in pod["volumes"]
+                      if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert any(mounts.get(c) == "/data" for c in claims), f"{path.name}: a pod without the PVC at /data"
+            assert pod["containers"][0]["image"] == spec["submitterPodTemplate"]["spec"]["containers"][0]["image"]

@@ -10,6 +10,7 @@ import typer
 
 from orchestrator.config import GRPOStageConfig, load_config
 from orchestrator.tools.plan import CONTEXT_BYTES, GiB, KNOWN_MODELS, command, make_plan, model_shape, parse_cluster
+from tests.recipes import load_recipe
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,7 @@ def test_known_models_match_published_sizes() -> None:
     assert round(KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"].params / 1e9, 2) == 0.49
     assert round(KNOWN_MODELS["Qwen/Qwen2.5-1.5B-Instruct"].params / 1e9, 2) == 1.54
     assert round(KNOWN_MODELS["Qwen/Qwen2.5-Math-1.5B"].params / 1e9, 2) == 1.54
+    assert round(KNOWN_MODELS["Qwen/Qwen2.5-7B"].params / 1e9, 2) == 7.62  # card: 7.61B (7,615,616,512)
 
 
 def test_memory_by_hand(tiny_model: Path) -> None:
@@ -139,13 +141,40 @@ def test_max_model_len_checked_against_the_model(tiny_model: Path) -> None:
     ("r1zero-qwen2.5-math-1.5b", 1, 8),
     ("gsm8k-qwen2.5-0.5b-instruct", 1, 2),
     ("gsm8k-qwen2.5-1.5b-instruct", 1, 4),
+    ("r1zero-qwen2.5-7b-2x8", 2, 8),
 ])
 def test_gpu_recipes_plan_on_the_cluster_they_name(recipe: str, nodes: int, gpus: int) -> None:
     path = ROOT / "configs" / "gpu" / f"{recipe}.yaml"
     assert f"--cluster {nodes}x{gpus}" in path.read_text()  # the recipe says what it is written for
-    plan = make_plan(load_config(path), nodes, gpus, 80 * GiB)
+    plan = make_plan(load_recipe(path), nodes, gpus, 80 * GiB)
     assert plan.ok, "\n".join(plan.lines())
     assert len(plan.gpu_usage()) == nodes * gpus  # every GPU is used
+    assert all(b.resources.get("GPU", 0) == 1 for b in plan.placement.bundles)  # one bundle per GPU
+    for a in plan.actors:  # each GPU actor on GPUs of one node, one GPU per bundle it holds
+        if a.gpus:
+            assert len(set(a.gpus)) == len(a.gpus) == len(_bundles_of(plan, a.name))
+
+
+def _bundles_of(plan, name: str) -> tuple[int, ...]:
+    a = next(a for a in plan.placement.actors if a.name == name)
+    return a.worker_bundles or (a.bundle,)
+
+
+def test_two_node_recipe_puts_learners_and_engines_on_nodes_of_their_own() -> None:
+    """2x8: ZeRO-3 learner ranks and the reference fill node 0; each TP=2 engine's two
+    bundles share a node (node 1), as its STRICT_PACK group demands."""
+    cfg = load_recipe(ROOT / "configs/gpu/r1zero-qwen2.5-7b-2x8.yaml")
+    assert cfg.learner.zero_stage == 3 and cfg.rollout.tensor_parallel_size == 2
+    plan = make_plan(cfg, 2, 8, 80 * GiB)
+    nodes = {a.name: a.node for a in plan.actors if a.gpus}
+    assert {n for name, n in nodes.items() if name.startswith("learner")} | {nodes["reference"]} == {0}
+    engines = [a for a in plan.actors if a.role == "rollout"]
+    assert len(engines) == 4 and all(a.node == 1 and len(a.gpus) == 2 for a in engines)
+    groups = plan.placement.groups
+    assert [g.strategy for g in groups] == ["PACK"] + ["STRICT_PACK"] * 4
+    assert [len(g.bundles) for g in groups] == [8, 2, 2, 2, 2]
+    # A cluster with no node of two free GPUs cannot host a TP=2 engine, however many GPUs it has.
+    assert any("find no room" in p for p in make_plan(cfg, 16, 1, 80 * GiB).problems)
 
 
 def test_command_exit_codes(tiny_model: Path, tmp_path: Path) -> None:
