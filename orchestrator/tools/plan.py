@@ -324,14 +324,11 @@ def _pack_group(gp, bundles, free: list[list[float]], nodes: int) -> dict[int, S
 def _pack(pp, nodes: int, gpus_per_node: int) -> tuple[list[Spot], list[str]]:
     """Every bundle of ``pp`` (a ``placement.PlacementPlan``) on ``nodes`` × ``gpus_per_node``,
     group after group in the order the runtime creates them."""
-    problems: list[str] = []
-    for b in pp.bundles:
-        g = b.resources.get("GPU", 0.0)
-        if g > 1 and g != int(g):
-            problems.append(f"bundle {b.index} ({b.role}) asks for {g} GPUs: Ray needs a whole number "
-                            "above 1; set cluster.gpus_per_* to a whole number or a fraction below 1")
     bad = {b.index for b in pp.bundles if b.resources.get("GPU", 0.0) > 1
            and b.resources["GPU"] != int(b.resources["GPU"])}
+    problems = [f"bundle {i} ({pp.bundles[i].role}) asks for {pp.bundles[i].resources['GPU']} GPUs: Ray needs "
+                "a whole number above 1; set cluster.gpus_per_* to a whole number or a fraction below 1"
+                for i in sorted(bad)]
     free = [[1.0] * gpus_per_node for _ in range(nodes)]
     spots: dict[int, Spot] = {}
     for gp in pp.groups:
