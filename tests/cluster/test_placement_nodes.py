@@ -77,3 +77,34 @@ def test_a_role_no_node_can_host_is_refused_with_the_group_named(ray_two_nodes, 
     plan = placement.plan(config, ("rollout",), tensor_parallel_size=2)
     with pytest.raises(RuntimeError, match=r"group 'rollout.0' \(2 bundles, STRICT_PACK.*node_nope.*cluster.roles"):
         placement.create_placement_groups(plan, timeout_s=5)
+
+
+def test_a_tp2_engine_runs_on_the_node_its_role_names(ray_two_nodes, ray_driver, tiny_model):
+    """A real engine of tensor_parallel_size=2, steered to the worker node by
+    cluster.roles.rollout: both its bundles are there and it samples (vLLM "mp" workers on
+    CPU; the Ray executor takes the same bundles on GPUs)."""
+    from actors.config import RolloutConfig
+    from actors.rollout import PromptItem, RolloutActor
+    from orchestrator import placement
+    from orchestrator.config import ClusterConfig
+
+    cluster = ray_two_nodes
+    ray = ray_driver(cluster)
+    worker = cluster.node_infos()["worker"]["node_id"]
+    config = ClusterConfig(rollout_engines=1, cpus_per_actor=1,
+                           roles={"rollout": {"resources": {cluster.nodes["worker"].resource: 0.01}}})
+    plan = placement.plan(config, ("rollout",), tensor_parallel_size=2)
+    (engine,) = plan.of("rollout")
+    placed = placement.create_placement_groups(plan, timeout_s=60)
+    try:
+        rollout = ray.remote(RolloutActor).options(**placement.options_for(placed, engine)).remote(
+            str(tiny_model), RolloutConfig(max_new_tokens=8, max_model_len=128, kv_cache_bytes=32 * 2**20,
+                                           dtype="float32", tensor_parallel_size=2),
+            bundles=placement.engine_bundles(plan, engine, config))
+        setup = ray.get(rollout.engine_setup.remote(), timeout=300)
+        assert setup.bundle_nodes == (worker, worker) and setup.placement_group == placed.groups[0].id.hex()
+        (group,) = ray.get(rollout.generate_groups.remote([PromptItem(0, (5, 6, 7), "x")], 2), timeout=120)
+        assert len(group.completions) == 2 and all(c.token_ids for c in group.completions)
+        ray.kill(rollout)
+    finally:
+        placement.release(placed)
