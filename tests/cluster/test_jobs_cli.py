@@ -1,31 +1,33 @@
-"""Operate a stage as a Ray job: start, status, dashboard metric, graceful stop, resume."""
+"""Operate jobs on a two-node cluster with the `r1lab` CLI: a plain `ray job submit` and an
+`r1lab start` side by side in `status`, logs, the dashboard metric, a graceful stop at a
+step boundary, resume to the end, and the Jobs address found from the GCS address."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+STEPS = 40  # enough that the stop lands mid-run, few enough to finish after resume
 
 
-def _cli(*args: str, env: dict, timeout: float = 600) -> str:
+def _cli(*args: str, env: dict, ok: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(BIN / "r1lab"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"r1lab {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    if ok:
+        assert proc.returncode == 0, f"r1lab {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 2.0):
@@ -38,52 +40,6 @@ def _wait(predicate, timeout: float, what: str, interval: float = 2.0):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-DASHBOARD_PORT, METRICS_PORT, GCS_PORT = 8277, 8099, 6391  # worker ports are 10002-19999
-# The job agent's ports too: on the defaults it cannot start beside another Ray cluster on
-# this machine (an embedded one of an earlier test), and every submission then fails with
-# "No available agent to submit job".
-AGENT_HTTP_PORT, AGENT_GRPC_PORT, RUNTIME_ENV_AGENT_PORT = 52391, 52392, 52393
-
-
-@pytest.fixture()
-def head(tmp_path):
-    """A Ray head of this test's own (its own ports, temp dir and process group), so that
-    tearing it down touches no other Ray cluster on the machine."""
-    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Ray's socket paths must stay under 108 bytes: a short temp dir of its own.
-    short = tempfile.mkdtemp(prefix="r1j-", dir="/tmp")
-    base.update(RAY_AUTH_MODE="disabled", TMPDIR=short, COLUMNS="200")
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(GCS_PORT), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(DASHBOARD_PORT), "--metrics-export-port", str(METRICS_PORT), "--num-cpus", "4",
-         "--dashboard-agent-listen-port", str(AGENT_HTTP_PORT), "--dashboard-agent-grpc-port", str(AGENT_GRPC_PORT),
-         "--runtime-env-agent-port", str(RUNTIME_ENV_AGENT_PORT),
-         "--temp-dir", short, "--disable-usage-stats"],
-        env=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {**base, "RAY_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}"}
-
-    def up():
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version", timeout=2)
-            return True
-        except OSError:
-            return proc.poll() is not None  # exited: fail below instead of waiting
-    _wait(up, 120, "the Ray head's dashboard", interval=1.0)
-    assert proc.poll() is None, "ray start --head exited early"
-    yield env
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=30)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    shutil.rmtree(short, ignore_errors=True)
-
-
 def _steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -91,43 +47,90 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _metric(name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
-    return max(values, default=0.0)
+def _metric(ports: list[int], name: str) -> float:
+    values = [0.0]
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values += [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
+    return max(values)
 
 
-def test_start_status_metrics_stop_resume(head, tiny_model, tmp_path):
-    env = head
+def _row(table: str, key: str) -> str:
+    return next((ln for ln in table.splitlines() if f" {key} " in ln), "")
+
+
+@pytest.fixture
+def env(ray_two_nodes):
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    return {**base, "RAY_AUTH_MODE": "disabled", "COLUMNS": "250", "RAY_ADDRESS": ray_two_nodes.dashboard_url}
+
+
+def test_the_jobs_address_is_the_clusters_own_dashboard(ray_two_nodes, env):
+    cluster = ray_two_nodes
+    assert not cluster.dashboard_url.endswith(":8265"), "the fixture's dashboard must not sit on Ray's default port"
+    no_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    for address in (cluster.gcs_address, f"http://127.0.0.1:{cluster.ports.dashboard}"):
+        out = _cli("status", "--address", address, env=no_env).stdout
+        assert f"r1lab runs on {cluster.dashboard_url}" in out, out
+    out = _cli("status", env={**no_env, "RAY_ADDRESS": cluster.gcs_address}).stdout
+    assert f"r1lab runs on {cluster.dashboard_url}" in out, out
+
+    wrong = _cli("status", "--address", "127.0.0.1:1", env=no_env, ok=False)
+    assert wrong.returncode != 0 and "nothing answers at the Ray address 127.0.0.1:1" in wrong.stdout, wrong.stdout
+    wrong = _cli("logs", "anything", env={**no_env, "RAY_ADDRESS": "http://127.0.0.1:1"}, ok=False)
+    assert wrong.returncode != 0 and "no Ray Jobs API answers at http://127.0.0.1:1" in wrong.stdout, wrong.stdout
+
+
+def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, tmp_path):
+    cluster = ray_two_nodes
+    plain = f"plain-{uuid.uuid4().hex[:6]}"
+    subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--submission-id", plain,
+                    "--no-wait", "--", "python", "-c", "import time; print('plain job up', flush=True); time.sleep(600)"],
+                   env=env, check=True, capture_output=True, timeout=120)
+
     data = tmp_path / "data"
     _cli("data", "make", "addition", "--out", str(data), env=env)
-    run = "jobs-e2e"
+    run = "jobs-cluster"
     out = tmp_path / "runs"
     run_dir = out / run
     _cli("start", "grpo", "-c", "configs/demo/grpo.yaml", f"model.path={tiny_model}",
          f"data.train_path={data / 'train.jsonl'}", f"run.output_dir={out}",
-         f"run.name={run}", "grpo.steps=400", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4",
+         f"run.name={run}", f"grpo.steps={STEPS}", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4",
          "cluster.learner_workers=1", "loss.kl_coef=0", "learner.micro_batch_groups=1",
-         "rollout.max_new_tokens=16", "logging.wandb_mode=disabled", env=env)
+         "rollout.max_new_tokens=16", "logging.wandb_mode=disabled", "--address", cluster.gcs_address, env=env)
 
     def running_with_steps():
-        table = _cli("status", env=env)
-        line = next((ln for ln in table.splitlines() if run in ln), "")
-        return "RUNNING" in line and re.search(r"\b([3-9]|\d\d+)/400\b", line)
+        table = _cli("status", env=env).stdout
+        line = _row(table, run)
+        return "RUNNING" in line and re.search(rf"\b([3-9]|\d\d+)/{STEPS}\b", line) and table
 
-    _wait(running_with_steps, 240, "the run to be RUNNING with steps in `r1lab status`")
-    assert _wait(lambda: _metric("ray_r1lab_rollout_tokens_per_second") > 0, 90,
-                 "ray_r1lab_rollout_tokens_per_second > 0 on the metrics endpoint")
+    table = _wait(running_with_steps, 240, "the run to be RUNNING with steps in `r1lab status`")
+    stopped = _cli("stop", run, env=env).stdout
+    assert "STOPPED" in stopped, stopped
+    assert re.search(rf"│ {plain} +│ RUNNING +│ python -c 'import time; print\('plain job up'", table), table
+    assert "r1lab-stop-" not in _cli("status", env=env).stdout
 
-    stopped = _cli("stop", run, env=env)
-    assert "STOPPED" in stopped
     state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
     stopped_at = state["step"]
+    assert stopped_at < STEPS, f"the run finished ({stopped_at} steps) before the stop reached it"
     assert (run_dir / "checkpoints" / f"step-{stopped_at}").is_dir()
     assert _steps(run_dir)[-1] == stopped_at
+    log = _cli("logs", run, env=env).stdout
+    assert re.search(rf"\[r1lab\] grpo {stopped_at}/{STEPS} reward", log), log[-2000:]
+    assert f"[r1lab] run-name {run} stage grpo" in log
+
+    assert "plain job up" in _cli("logs", plain, env=env).stdout
+    assert f"job {plain}: STOPPED" in _cli("stop", plain, env=env).stdout
 
     _cli("resume", run, env=env)
-    _wait(lambda: len(_steps(run_dir)) >= stopped_at + 2, 240, "the resumed run to log two more steps")
-    steps = _steps(run_dir)
-    assert steps[: stopped_at + 2] == list(range(1, stopped_at + 3))  # continues at stopped_at + 1
-    assert "STOPPED" in _cli("stop", run, env=env)
+    metric_ports = [ports["metrics"] for ports in cluster.ports.per_node.values()]
+    assert _wait(lambda: _metric(metric_ports, "ray_r1lab_rollout_tokens_per_second") > 0, 120,
+                 "ray_r1lab_rollout_tokens_per_second > 0 on a node's metrics endpoint")
+    _wait(lambda: "SUCCEEDED" in _row(_cli("status", env=env).stdout, run), 300, "the resumed run to succeed")
+    assert _steps(run_dir) == list(range(1, STEPS + 1))  # continued at stopped_at + 1, to the end
+    for name in ("config.yaml", "final/model.safetensors", "final/config.json", "final/tokenizer.json",
+                 f"checkpoints/step-{stopped_at}"):
+        assert (run_dir / name).exists(), f"{name} is missing from {run_dir}"
+    for node in cluster.nodes.values():
+        strays = [p for p in node.work_dir.rglob("*") if run in str(p)]
+        assert not strays, f"the run wrote into node {node.name}'s working directory: {strays[:5]}"
