@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STEPS = 40  # enough that the stop lands mid-run, few enough to finish after resume
+STEPS = 150  # ~0.3 s each: the stop (~15 s after step 3) lands mid-run; the resumed run still ends soon
 
 
 def _cli(*args: str, env: dict, ok: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -85,7 +85,7 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     cluster = ray_two_nodes
     plain = f"plain-{uuid.uuid4().hex[:6]}"
     subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--submission-id", plain,
-                    "--no-wait", "--", "python", "-c", "import time; print('plain job up', flush=True); time.sleep(600)"],
+                    "--no-wait", "--", "python", "-c", "import time; print(1234 * 1000, flush=True); time.sleep(600)"],
                    env=env, check=True, capture_output=True, timeout=120)
 
     data = tmp_path / "data"
@@ -107,7 +107,8 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     table = _wait(running_with_steps, 240, "the run to be RUNNING with steps in `r1lab status`")
     stopped = _cli("stop", run, env=env).stdout
     assert "STOPPED" in stopped, stopped
-    assert re.search(rf"│ {plain} +│ RUNNING +│ python -c 'import time; print\('plain job up'", table), table
+    assert re.search(rf"│ {plain} +│ RUNNING +│ python -c 'import time; print\(1234 \* 1000, flush=True\); tim… +│ 20",
+                     table), table
     assert "r1lab-stop-" not in _cli("status", env=env).stdout
 
     state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
@@ -119,7 +120,7 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     assert re.search(rf"\[r1lab\] grpo {stopped_at}/{STEPS} reward", log), log[-2000:]
     assert f"[r1lab] run-name {run} stage grpo" in log
 
-    assert "plain job up" in _cli("logs", plain, env=env).stdout
+    assert "1234000" in _cli("logs", plain, env=env).stdout
     assert f"job {plain}: STOPPED" in _cli("stop", plain, env=env).stdout
 
     _cli("resume", run, env=env)
