@@ -56,7 +56,8 @@ def _metric(ports: list[int], name: str) -> float:
 
 
 def _row(table: str, key: str) -> str:
-    return next((ln for ln in table.splitlines() if f" {key} " in ln), "")
+    """The last row naming ``key``: a run's latest job (jobs are listed oldest first)."""
+    return next((ln for ln in reversed(table.splitlines()) if f" {key} " in ln), "")
 
 
 @pytest.fixture
@@ -127,7 +128,12 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     metric_ports = [ports["metrics"] for ports in cluster.ports.per_node.values()]
     assert _wait(lambda: _metric(metric_ports, "ray_r1lab_rollout_tokens_per_second") > 0, 120,
                  "ray_r1lab_rollout_tokens_per_second > 0 on a node's metrics endpoint")
-    _wait(lambda: "SUCCEEDED" in _row(_cli("status", env=env).stdout, run), 300, "the resumed run to succeed")
+    def resumed_state():
+        line = _row(_cli("status", env=env).stdout, run)
+        assert "FAILED" not in line, f"the resumed run failed:\n{_cli('logs', run, env=env).stdout[-3000:]}"
+        return "SUCCEEDED" in line and line
+
+    assert f" {STEPS}/{STEPS} " in _wait(resumed_state, 300, "the resumed run to succeed")
     assert _steps(run_dir) == list(range(1, STEPS + 1))  # continued at stopped_at + 1, to the end
     for name in ("config.yaml", "final/model.safetensors", "final/config.json", "final/tokenizer.json",
                  f"checkpoints/step-{stopped_at}"):
