@@ -141,3 +141,24 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     for node in cluster.nodes.values():
         strays = [p for p in node.work_dir.rglob("*") if run in str(p)]
         assert not strays, f"the run wrote into node {node.name}'s working directory: {strays[:5]}"
+
+
+def test_a_plain_ray_job_submit_of_r1lab_run_is_listed_as_a_run(ray_two_nodes, env, tmp_path):
+    """Named in its config only (no run.name= in the entrypoint): the job log's header names
+    it. The run fails at once on a missing model, which is all this needs and costs seconds."""
+    run = f"plain-r1lab-{uuid.uuid4().hex[:6]}"
+    config = tmp_path / "plain.yaml"
+    config.write_text((ROOT / "configs/demo/grpo.yaml").read_text().replace("name: demo-grpo", f"name: {run}"))
+    job = f"raysubmit-{run}"
+    subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_two_nodes.dashboard_url, "--submission-id", job,
+                    "--no-wait", "--", str(BIN / "r1lab"), "run", "grpo", "-c", str(config), "model.path=/nonexistent"],
+                   env=env, check=True, capture_output=True, timeout=120)
+
+    def ended():
+        line = _row(_cli("status", env=env).stdout, run)
+        return ("FAILED" in line or "SUCCEEDED" in line) and line
+
+    line = _wait(ended, 120, f"the plain job {job} to end")
+    assert re.search(rf"│ {run} +│ grpo +│ FAILED +│ - +│ +│ {job} +│ 20", line), line
+    assert "model.path /nonexistent does not exist" in _cli("logs", run, env=env).stdout
+    assert f"[r1lab] run-name {run} stage grpo" in _cli("logs", job, env=env).stdout
