@@ -283,3 +283,52 @@ def test_status_without_a_cluster_exits_non_zero_with_the_fix(monkeypatch, no_en
     assert "no Ray cluster" in result.output and "--address" in result.output
     result = CliRunner().invoke(cli.app, ["logs", "x", "--address", "127.0.0.1:1"], env={"COLUMNS": "220"})
     assert result.exit_code == 2 and "nothing answers at the Ray address 127.0.0.1:1" in result.output
+
+
+class FakeJobs(FakeClient):
+    """Adds what stop and resume use: submissions end as SUCCEEDED, stopped jobs as STOPPED."""
+
+    def __init__(self, details, logs):
+        super().__init__(details, logs)
+        self.submitted, self.stopped = [], []
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+    def get_job_status(self, job_id):
+        return SimpleNamespace(value="STOPPED" if job_id in self.stopped else "SUCCEEDED")
+
+    def stop_job(self, job_id):
+        self.stopped.append(job_id)
+
+    def get_job_info(self, job_id):
+        return SimpleNamespace(runtime_env={"working_dir": "gcs://_ray_pkg_abc.zip", "env_vars": {"A": "1"}})
+
+
+def test_stop_asks_an_r1lab_run_to_checkpoint_in_its_own_environment_first():
+    c = FakeJobs(_cluster().details, _cluster().logs)
+    assert jobs.stop(c, jobs.find_job(c, "from-config", active_only=True), timeout_s=5) == "STOPPED"
+    helper = c.submitted[-1]
+    assert helper["entrypoint"] == "python -m orchestrator.control stop from-config"
+    assert helper["runtime_env"] == {"working_dir": "gcs://_ray_pkg_abc.zip", "env_vars": {"A": "1"}}
+    assert helper["metadata"] == {"r1lab_control": "from-config"} and c.stopped == ["raysubmit_r1"]
+
+    assert jobs.stop(c, jobs.find_job(c, "a", active_only=True), timeout_s=5) == "STOPPED"
+    assert c.submitted[-1]["entrypoint"].startswith("cd /src && ")
+    assert c.submitted[-1]["entrypoint"].endswith(" -m orchestrator.control stop a")
+    assert c.submitted[-1]["runtime_env"] == {}
+
+    assert jobs.stop(c, jobs.find_job(c, "raysubmit_plain"), timeout_s=5) == "STOPPED"
+    assert len(c.submitted) == 2, "a plain job got a graceful-stop helper"
+
+
+def test_resume_submits_the_runs_job_again_with_resume_on():
+    details = [_details("raysubmit_r1", "r1lab run grpo -c c.yaml", "STOPPED")]
+    c = FakeJobs(details, {"raysubmit_r1": jobs.header_line("cfg-name", "grpo")})
+    new = jobs.resume(c, jobs.find_job(c, "cfg-name"))
+    sent = c.submitted[-1]
+    assert new == sent["submission_id"] and new.startswith("r1lab-cfg-name-")
+    assert sent["entrypoint"] == "r1lab run grpo -c c.yaml run.resume=true"
+    assert sent["runtime_env"]["working_dir"] == "gcs://_ray_pkg_abc.zip"
+    assert sent["metadata"] == {"r1lab_run": "cfg-name", "r1lab_stage": "grpo", "r1lab_resumed_from": "raysubmit_r1"}
