@@ -71,13 +71,13 @@ def client(url: str):
 
 
 def _why_unreachable(url: str, err: Exception) -> str:
-    text = str(err)
+    text = str(err).replace(url, "URL")  # a port such as 4011 is no status code
     if "401" in text or "Authentication required" in text:
         return f"the Ray cluster at {url} requires an auth token and none was sent: {TOKEN_HELP}"
     if "403" in text or "Authentication failed" in text:
         return f"the Ray cluster at {url} refused the auth token in RAY_AUTH_TOKEN as invalid: {TOKEN_HELP}"
-    return (f"no Ray Jobs API answers at {url} ({text.strip().splitlines()[0] if text.strip() else type(err).__name__}); "
-            f"check the address: {NAMING_HELP}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"no Ray Jobs API answers at {url} ({first}); check the address: {NAMING_HELP}"
 
 
 def _is_auth_failure(err: Exception) -> bool:
