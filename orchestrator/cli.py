@@ -49,6 +49,11 @@ def run(
     except (StageError, ConfigError) as err:
         _fail(str(err))
     start = time.monotonic()
+    if not console.is_terminal:
+        # Names the run in job logs, so `r1lab status` knows a plain `ray job submit` of it.
+        from orchestrator.jobs import header_line
+
+        console.print(header_line(cfg.run.name, stage), markup=False, soft_wrap=True)
     try:
         with _progress() as progress:
             task = progress.add_task(stage, total=None, info="starting actors")
@@ -208,6 +213,11 @@ def data_make(
         console.print(f"{split}: {n} rows → {path}")
 
 
+ADDRESS_HELP = ("the cluster: its dashboard (http://HEAD:8265) or its GCS (HEAD:6379, ray://HEAD:10001, auto); "
+                "default RAY_ADDRESS, else the Ray head running on this machine")
+Address = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]
+
+
 @app.command()
 def start(
     stage: Annotated[str, typer.Argument(help="stage to submit")],
@@ -215,8 +225,9 @@ def start(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides")] = None,
     name: Annotated[Optional[str], typer.Option(help="run name (default: run.name of the config)")] = None,
     working_dir: Annotated[Optional[bool], typer.Option(help="upload this directory as the job's working_dir (default: only for remote clusters)")] = None,
+    address: Address = None,
 ) -> None:
-    """Submit a stage as a Ray job (to RAY_ADDRESS, else a local head, started if needed)."""
+    """Submit a stage as a Ray job (to --address or RAY_ADDRESS, else a local head, started if needed)."""
     from orchestrator import jobs
     from orchestrator.config import ConfigError, load_config
     from orchestrator.stages import StageError, load_stage
@@ -226,49 +237,80 @@ def start(
     except (StageError, ConfigError) as err:
         _fail(str(err))
     run_name = name or cfg.run.name
-    addr = jobs.ensure_local_head()
-    remote = not jobs.is_local(addr) if working_dir is None else working_dir
+    try:
+        url = jobs.ensure_local_head(address)
+        c = jobs.client(url)
+    except jobs.JobsError as err:
+        _fail(str(err))
+    remote = not jobs.is_local(url) if working_dir is None else working_dir
     extra = [o for o in (overrides or []) if not o.startswith("run.name=")]
-    job_id = jobs.submit(addr, stage, config, [*extra, f"run.name={run_name}"], run_name, working_dir=remote)
-    console.print(f"submitted {stage} as run [bold]{run_name}[/] (job {job_id}) to {addr}")
+    job_id = jobs.submit(c, stage, config, [*extra, f"run.name={run_name}"], run_name, working_dir=remote)
+    console.print(f"submitted {stage} as run [bold]{run_name}[/] (job {job_id}) to {url}")
     console.print(run_name)
 
 
-@app.command()
-def status() -> None:
-    """List runs on the cluster with stage, state, step and key metrics."""
+def _jobs_client(address: str | None):
     from orchestrator import jobs
 
-    addr = jobs.address() or jobs.DEFAULT_LOCAL
     try:
-        runs = jobs.list_runs(addr)
-    except Exception as err:  # noqa: BLE001 - no cluster: say so
-        _fail(f"cannot reach the Ray Jobs API at {addr} ({err}); set RAY_ADDRESS or `r1lab start` a stage")
-    table = Table(title=f"r1lab runs on {addr}")
-    for col in ("run", "stage", "state", "step", "metrics", "job"):
+        return jobs.connect(address)
+    except jobs.JobsError as err:
+        _fail(str(err))
+
+
+@app.command()
+def status(address: Address = None) -> None:
+    """List the jobs on the cluster: r1lab runs with stage, state, step and key metrics, and
+    every other Ray job."""
+    from orchestrator import jobs
+
+    url, c = _jobs_client(address)
+    try:
+        listed = jobs.list_jobs(c)
+    except Exception as err:  # noqa: BLE001 - the cluster went away between calls
+        _fail(f"the Ray Jobs API at {url} stopped answering ({err})")
+    runs = [j for j in listed if j.run is not None]
+    others = [j for j in listed if j.run is None]
+    table = Table(title=f"r1lab runs on {url}")
+    for col in ("run", "stage", "state", "step", "metrics", "job", "started"):
         table.add_column(col)
     for r in runs:
         step = f"{r.step}/{r.total}" if r.step is not None else "-"
-        table.add_row(r.run, r.stage, r.status, step, r.info, r.job_id)
+        table.add_row(r.run, r.stage or "?", r.status, step, r.info, r.job_id, _started(r.start_time_ms))
     console.print(table)
+    if others:
+        table = Table(title="other Ray jobs")
+        for col in ("job", "state", "entrypoint", "started"):
+            table.add_column(col)
+        for j in others:
+            table.add_row(j.job_id, j.status, _short(j.entrypoint), _started(j.start_time_ms))
+        console.print(table)
+
+
+def _started(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command()
 def logs(
-    run: Annotated[str, typer.Argument(help="run name")],
+    run: Annotated[str, typer.Argument(help="run name or Ray submission id")],
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    address: Address = None,
 ) -> None:
-    """Print a run's job log (the latest job of that run)."""
+    """Print a job's log (for a run name, its latest job)."""
     import asyncio
 
     from orchestrator import jobs
 
-    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    _, c = _jobs_client(address)
     try:
-        job = jobs.latest_job(addr, run)
+        job = jobs.find_job(c, run)
     except LookupError as err:
         _fail(str(err))
-    c = jobs.client(addr)
     if not follow:
         sys.stdout.write(c.get_job_logs(job.job_id))
         return
@@ -282,26 +324,31 @@ def logs(
 
 
 @app.command()
-def stop(run: Annotated[str, typer.Argument(help="run name")]) -> None:
-    """Stop a run gracefully: it saves a checkpoint at the next step boundary, then exits."""
+def stop(run: Annotated[str, typer.Argument(help="run name or Ray submission id")], address: Address = None) -> None:
+    """Stop a job. An r1lab run stops gracefully: it saves a checkpoint at the next step
+    boundary, then exits."""
     from orchestrator import jobs
 
-    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    _, c = _jobs_client(address)
     try:
-        job, final = jobs.stop(addr, run)
+        job = jobs.find_job(c, run, active_only=True)
+        final = jobs.stop(c, job)
     except (LookupError, RuntimeError) as err:
         _fail(str(err))
-    console.print(f"run {run} (job {job.job_id}): {final}; resume with `r1lab resume {run}`")
+    if job.run is None:
+        console.print(f"job {job.job_id}: {final}")
+    else:
+        console.print(f"run {job.run} (job {job.job_id}): {final}; resume with `r1lab resume {job.run}`")
 
 
 @app.command()
-def resume(run: Annotated[str, typer.Argument(help="run name")]) -> None:
+def resume(run: Annotated[str, typer.Argument(help="run name or Ray submission id")], address: Address = None) -> None:
     """Continue a stopped run from its last checkpoint, at the next step."""
     from orchestrator import jobs
 
-    addr = jobs.address() or jobs.DEFAULT_LOCAL
+    _, c = _jobs_client(address)
     try:
-        job_id = jobs.resume(addr, run)
+        job_id = jobs.resume(c, jobs.find_job(c, run))
     except (LookupError, RuntimeError) as err:
         _fail(str(err))
     console.print(f"resumed {run} as job {job_id}")
