@@ -128,14 +128,18 @@ def start_executor_env(env: dict[str, str]) -> None:
 
 def stream_generate(llm: LLM, requests: Sequence[tuple[str, Sequence[int], SamplingParams]]
                     ) -> Iterator[RequestOutput]:
-    """Submit every request, then yield each ``RequestOutput`` as it finishes."""
+    """Submit every request, then yield each ``RequestOutput`` as it finishes. Requests
+    that finish in the same engine step are yielded in submission order: the engine's own
+    order among them varies from process to process (it is not part of vLLM's contract),
+    and the learner's float sums follow the order groups arrive in."""
     engine = llm.llm_engine
+    submitted = {}
     for request_id, prompt_ids, params in requests:
+        submitted[request_id] = len(submitted)
         engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                yield out
+        finished = [out for out in engine.step() if out.finished]
+        yield from sorted(finished, key=lambda out: submitted[out.request_id])
 
 
 class WeightSyncExtension:

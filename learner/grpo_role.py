@@ -2,7 +2,9 @@
 
 A step consumes this rank's share of the step's groups *as they arrive* (the driver
 ``feed``s ObjectRefs while ``train_step`` runs; the actor is threaded for that), turns
-them into micro-batches, and runs forward/backward on each at once; DeepSpeed reduces
+them into micro-batches, and runs forward/backward on each at once. Groups are taken in
+the order the driver numbered them, not the order the ``feed`` calls ran in (a threaded
+actor does not keep call order), so the float sums of a step are the same on every run; DeepSpeed reduces
 gradients across ranks and applies the optimizer at the accumulation boundary.
 
 Loss scaling: ``learner.grpo.aggregate`` divides by the *global* number of sequences (or
@@ -14,7 +16,7 @@ Rank 0 also sends the weight pushes (``learner.weight_sync``).
 from __future__ import annotations
 
 import math
-import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -170,7 +172,10 @@ class GRPOLearner(LearnerRank):
         self.groups_per_rank = groups_per_rank
         self.samples_per_prompt = samples_per_prompt
         self.max_new_tokens = max_new_tokens
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: dict[int, object] = {}  # feed number -> ScoredGroup or its ObjectRef
+        self._arrived = threading.Condition()
+        self._numbered = 0  # the number the next unnumbered feed gets
+        self._taken = 0  # the number train_step takes next
         self._weight_group = None
         self._weight_spec: WeightSpec | None = None
         self._push_buffers: list[torch.Tensor] | None = None
@@ -181,17 +186,26 @@ class GRPOLearner(LearnerRank):
                            accumulation_steps=self.groups_per_rank // micro)
 
     # -- streaming input ----------------------------------------------------------------
-    def feed(self, refs: Sequence) -> int:
-        """Queue ScoredGroup ObjectRefs (nested in a list, so Ray does not resolve them)."""
-        for r in refs:
-            self._inbox.put(r)
-        return self._inbox.qsize()
+    def feed(self, refs: Sequence, first: int | None = None) -> int:
+        """Queue ScoredGroup ObjectRefs (nested in a list, so Ray does not resolve them),
+        numbered ``first, first + 1, ...`` (default: after the last numbered feed).
+        ``train_step`` takes them in number order. Returns how many wait untaken."""
+        with self._arrived:
+            start = self._numbered if first is None else first
+            for k, r in enumerate(refs):
+                self._inbox[start + k] = r
+            self._numbered = max(self._numbered, start + len(refs))
+            self._arrived.notify_all()
+            return len(self._inbox)
 
     def _next_group(self) -> tuple[ScoredGroup, float]:
         import ray
 
         start = time.monotonic()
-        item = self._inbox.get()
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._taken in self._inbox)
+            item = self._inbox.pop(self._taken)
+            self._taken += 1
         group = ray.get(item) if isinstance(item, ray.ObjectRef) else item
         return group, time.monotonic() - start
 

@@ -147,7 +147,8 @@ class GRPOTrainer:
         depth = {}  # learner rank -> ObjectRef of its inbox size after the last feed
 
         def feed(i: int, scored: ray.ObjectRef) -> None:
-            depth[i % len(learners)] = learners[i % len(learners)].feed.remote([scored])
+            # Numbered per rank in routing order: the rank trains on them in that order.
+            depth[i % len(learners)] = learners[i % len(learners)].feed.remote([scored], i // len(learners))
 
         streaming.route(launch, self.scoring, feed)
         # Groups queued at the learners when generation finished (not yet trained on).
