@@ -194,9 +194,13 @@ class RunStorage:
 
     def pull(self, name: str) -> Path:
         """The driver's copy of ``name``, fetched from a URI if storage holds it."""
-        if self.is_uri and exists(self.location(name)):
-            copy_file(self.location(name), str(self.local / name))
-        return self.local / name
+        path = self.local / name
+        if self.is_uri:
+            if exists(self.location(name)):
+                copy_file(self.location(name), str(path))
+            else:
+                path.unlink(missing_ok=True)  # an earlier run's mirror is not this storage's content
+        return path
 
     def read_text(self, name: str) -> str | None:
         path = self.pull(name)
@@ -206,8 +210,8 @@ class RunStorage:
         return exists(self.location(name))
 
     def put_dir(self, local_dir: Path, name: str) -> None:
-        if Path(self.location(name)) != Path(local_dir) or self.is_uri:
-            copy_dir(str(local_dir), self.location(name))
+        """Copy the contents of ``local_dir`` on the driver into ``name`` in storage."""
+        copy_dir(str(local_dir), self.location(name))
 
     def get_dir(self, name: str, local_dir: Path) -> Path:
         copy_dir(self.location(name), str(local_dir))

@@ -219,8 +219,8 @@ class GRPOTrainer:
         try:
             self.sampler.set_state(state["sampler"])
         except (KeyError, ValueError) as err:
-            raise StageError(f"{self.storage.location(self.STATE)}: cannot restore the prompt order ({err}); resume with the config "
-                             f"the run was started with") from None
+            raise StageError(f"{self.storage.location(self.STATE)}: cannot restore the prompt order ({err}); "
+                             "resume with the config the run was started with") from None
         self.push_weights(self.version)  # engines start from the restored policy
         return int(state["step"])
 

@@ -73,9 +73,16 @@ def test_grpo_across_nodes_writes_everything_to_uri_storage(ray_two_nodes, ray_d
 
     _assert_complete_run(store / "spread", checkpoint="step-1")
     assert _created_files(cluster) == before, "a file landed in a node's working directory"
-    # The learner and the engine ran on different nodes (STRICT_SPREAD): the upload path
-    # was taken from a node that is not the driver's view of the run.
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+
+    # Resume stages the step-1 checkpoint down from the URI onto the learner's node
+    # (restore checks every rank's restored policy version) and trains step 2 again.
+    t0 = time.monotonic()
+    grpo.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
+    print(f"resumed from the file:// checkpoint: {time.monotonic() - t0:.0f} s")
+    steps = [int(m) for m in re.findall(r'"step": (\d+)', (store / "spread" / "metrics.jsonl").read_text())]
+    assert steps == [1, 2, 2], f"metrics.jsonl after resuming at step 2 holds steps {steps}"
+    assert _created_files(cluster) == before, "a file landed in a node's working directory"
 
 
 def _readme_job_command() -> str:

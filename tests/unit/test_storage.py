@@ -92,7 +92,8 @@ def test_prepare_makes_every_input_absolute_and_stages_uris(tmp_path, monkeypatc
     monkeypatch.setattr(storage, "MODEL_CACHE", tmp_path / "cache")
     monkeypatch.setattr(storage, "STAGING", tmp_path / "staging")
     cfg = GRPOStageConfig.model_validate({
-        "model": {"path": f"file://{tmp_path}/models/m"}, "data": {"train_path": f"file://{tmp_path}/remote/train.jsonl"},
+        "model": {"path": f"file://{tmp_path}/models/m"},
+        "data": {"train_path": f"file://{tmp_path}/remote/train.jsonl"},
         "rewards": {"reward_models": [{"name": "h", "path": "models/m", "scope": "summary"}]}})
     p = storage.prepare(cfg, models=("model.path", "rewards.reward_models.*.path"), data=("data.train_path",))
     assert p.config.run.storage == str(tmp_path / "runs") and p.run.root == str(tmp_path / "runs" / "grpo")
@@ -171,3 +172,10 @@ def test_learner_ranks_refuse_a_relative_output_path():
                  lambda: rank.load_checkpoint("ckpt", "t")):
         with pytest.raises(ValueError, match="relative"):
             call()
+
+
+def test_a_uri_runs_driver_mirror_never_answers_for_storage(tmp_path):
+    run = RunStorage.of(f"file://{tmp_path}/a", "r")
+    run.write_text("checkpoints/trainer_state.json", "{}")
+    (tmp_path / "a" / "r" / "checkpoints" / "trainer_state.json").unlink()
+    assert run.read_text("checkpoints/trainer_state.json") is None
