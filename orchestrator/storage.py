@@ -296,27 +296,37 @@ def resolve_input(value: str, *, model: bool = False) -> str:
     return absolute(value)
 
 
+def _fingerprint(uri: str) -> str:
+    """Names, sizes and modification times under ``uri``: new content, a new cache entry."""
+    from pyarrow import fs
+
+    filesystem, path = _fs(uri)
+    infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == fs.FileType.File)
+    return _key(uri + json.dumps(listing))
+
+
 def model_cache_path(uri: str) -> str:
-    """Where a model URI is staged: the same absolute path on every node."""
+    """Where a model URI's current content is staged: the same absolute path on every node."""
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
-    return str(MODEL_CACHE / _key(uri) / name)
+    return str(MODEL_CACHE / _fingerprint(uri) / name)
 
 
-def stage_model(uri: str) -> str:
-    """Download model ``uri`` into this node's cache once (a file lock makes concurrent
-    callers on one node wait for the first); returns the local path."""
-    local = Path(model_cache_path(uri))
-    local.parent.mkdir(parents=True, exist_ok=True)
-    with open(local.parent / ".lock", "w") as lock:
+def stage_model(uri: str, local: str) -> str:
+    """Download model ``uri`` into ``local`` (this node's cache) once: a file lock makes
+    concurrent callers on one node wait for the first. Returns ``local``."""
+    target = Path(local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (local / COMPLETE).exists():
-            tmp = local.with_name(local.name + ".partial")
+        if not (target / COMPLETE).exists():
+            tmp = target.with_name(target.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             copy_dir(uri, str(tmp))
-            shutil.rmtree(local, ignore_errors=True)
-            tmp.replace(local)
-            (local / COMPLETE).touch()
-    return str(local)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+            (target / COMPLETE).touch()
+    return local
 
 
 def stage_data(uri: str) -> str:
@@ -422,7 +432,7 @@ def _remove(run: RunStorage, name: str) -> None:
             pass
 
 
-def stage_models_on_nodes(uris: Sequence[str]) -> None:
+def stage_models_on_nodes(uris: Sequence[tuple[str, str]]) -> None:
     """Stage each model URI into the same local cache path on every alive node (the driver
     staged its own copy in ``prepare``)."""
     import ray
@@ -432,8 +442,8 @@ def stage_models_on_nodes(uris: Sequence[str]) -> None:
     if not uris:
         return
     task = ray.remote(max_retries=0)(stage_model)
-    refs = [task.options(**placement.on_node_options(n["NodeID"])).remote(u)
-            for n in ray.nodes() if n["Alive"] for u in uris]
+    refs = [task.options(**placement.on_node_options(n["NodeID"])).remote(uri, local)
+            for n in ray.nodes() if n["Alive"] for uri, local in uris]
     ray.get(refs)
 
 
@@ -449,7 +459,7 @@ class Prepared:
     config: Any
     local: Any
     run: RunStorage
-    model_uris: tuple[str, ...] = ()
+    model_uris: tuple[tuple[str, str], ...] = ()  # (URI, its cache path on every node)
     model_paths: dict[str, str] = field(default_factory=dict)  # local model path -> its setting
 
     def write_config(self) -> None:
@@ -510,8 +520,8 @@ def prepare(cfg: Any, *, models: Sequence[str] = (), data: Sequence[str] = ()) -
             if is_uri(value):
                 if not exists(value):
                     raise StorageError(f"{key} {value} does not exist")
-                model_uris.append(value)
-                container[index] = stage_model(value)
+                container[index] = stage_model(value, model_cache_path(value))
+                model_uris.append((value, container[index]))
             if not looks_like_hub_id(container[index]):
                 model_paths[container[index]] = key
     for key in data:

@@ -104,17 +104,22 @@ def test_prepare_makes_every_input_absolute_and_stages_uris(tmp_path, monkeypatc
         f"file://{tmp_path}/models/m"))
     assert Path(p.local.data.train_path).read_text().startswith('{"prompt"')
     assert set(p.model_paths) == {str(staged), str(tmp_path / "models" / "m")}
-    assert p.model_uris == (f"file://{tmp_path}/models/m",)
+    assert p.model_uris == ((f"file://{tmp_path}/models/m", str(staged)),)
 
 
 def test_a_model_uri_is_staged_once_per_node(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "MODEL_CACHE", tmp_path / "cache")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "w.bin").write_text("1")
-    first = storage.stage_model(f"file://{tmp_path}/m")
-    (tmp_path / "m" / "w.bin").write_text("2")
-    assert storage.stage_model(f"file://{tmp_path}/m") == first
-    assert (Path(first) / "w.bin").read_text() == "1", "a staged model was downloaded twice"
+    uri = f"file://{tmp_path}/m"
+    first = storage.stage_model(uri, storage.model_cache_path(uri))
+    (Path(first) / "w.bin").write_text("staged")  # a second call must not download again
+    assert storage.model_cache_path(uri) == first
+    assert storage.stage_model(uri, storage.model_cache_path(uri)) == first
+    assert (Path(first) / "w.bin").read_text() == "staged", "a staged model was downloaded twice"
+    (tmp_path / "m" / "w.bin").write_text("22")  # new content (a rerun's model): a new cache entry
+    second = storage.stage_model(uri, storage.model_cache_path(uri))
+    assert second != first and (Path(second) / "w.bin").read_text() == "22"
     with pytest.raises(StorageError, match="does not exist"):
         storage.prepare(GRPOStageConfig.model_validate({"model": {"path": f"file://{tmp_path}/none"},
                                                         "data": {"train_path": "d.jsonl"}}), models=("model.path",))
