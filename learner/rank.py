@@ -7,6 +7,9 @@ and say how DeepSpeed batches (``_engine_shape``). Start-up, as the driver runs 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 
 from learner.config import LearnerConfig
@@ -53,16 +56,37 @@ class LearnerRank:
         """All parameters flattened into one CPU tensor (collective under ZeRO-3)."""
         return torch.cat([t.detach().float().reshape(-1).cpu() for _, t in self.engine.named_full_params()])
 
-    def save_hf(self, out_dir: str) -> str:
-        """Write an HF-format checkpoint (safetensors) that vLLM and transformers load."""
+    def save_hf(self, out_dir: str, publish: Callable[[], None] | None = None) -> str:
+        """Write an HF-format checkpoint (safetensors) that vLLM and transformers load, to the
+        absolute ``out_dir`` on this node; rank 0 writes it, then calls ``publish`` (which
+        copies it to the run's storage) if given."""
+        _check_absolute(out_dir)
         self.engine.save_hf(out_dir)
+        if publish is not None and self.rank == 0:
+            publish()
         return out_dir
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str) -> str:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler), for resuming."""
+    def save_checkpoint(self, ckpt_dir: str, tag: str, publish: Callable[[], None] | None = None) -> str:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler), for resuming: every rank
+        writes its shards to the absolute ``ckpt_dir``, then calls ``publish`` if given."""
+        _check_absolute(ckpt_dir)
         self.engine.save_checkpoint(ckpt_dir, tag, {"version": self.version})
+        if publish is not None:
+            publish()
         return tag
 
-    def load_checkpoint(self, ckpt_dir: str, tag: str | None = None) -> int:
+    def load_checkpoint(self, ckpt_dir: str, tag: str | None = None, fetch: Callable[[], None] | None = None) -> int:
+        """Load a checkpoint from the absolute ``ckpt_dir``, after ``fetch`` (which stages it
+        there from the run's storage) if given."""
+        _check_absolute(ckpt_dir)
+        if fetch is not None:
+            fetch()
         self.version = int(self.engine.load_checkpoint(ckpt_dir, tag).get("version", 0))
         return self.version
+
+
+def _check_absolute(path: str) -> None:
+    """An actor's working directory is its node's, not the driver's: never write relative to it."""
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r} is relative: it would land in this actor's working directory on its "
+                         "node; pass an absolute path (the driver resolves run.storage)")

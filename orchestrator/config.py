@@ -30,22 +30,31 @@ _Frozen = FrozenModel
 
 class RunConfig(_Frozen):
     name: str = Field(default="grpo", pattern=r"^[A-Za-z0-9._-]+$")
-    output_dir: Path = Path("runs")
+    storage: str = Field(default="runs", description="where everything the run writes goes, under "
+                         "<storage>/<name>: a local path (relative: to the driver's working directory) or a URI "
+                         "pyarrow.fs opens (file://, s3://, gs://); on several nodes, a path every node mounts "
+                         "or a URI")
     seed: int = 0
     resume: bool = Field(default=False, description="continue from the run's last checkpoint")
 
     @property
-    def dir(self) -> Path:
-        return self.output_dir / self.name
+    def location(self) -> str:
+        """``<storage>/<name>`` as configured; ``orchestrator.storage.for_run`` resolves it
+        on the driver."""
+        from orchestrator.storage import join
+
+        return join(self.storage, self.name)
 
 
 class ModelConfig(_Frozen):
-    path: str = Field(description="local HF model directory (or a hub id where the hub is reachable)")
+    path: str = Field(description="HF model directory: a path, a URI pyarrow.fs opens (staged once per node), "
+                      "or a hub id where the hub is reachable")
     trust_remote_code: bool = False
 
 
 class DataConfig(_Frozen):
-    train_path: Path = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder")
+    train_path: str = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder "
+                            "(a path, or a URI pyarrow.fs opens: read on the driver)")
     split: str | None = Field(default=None, description="the split to read from a path that holds several "
                               "(a saved DatasetDict, or a folder of train.parquet, test.jsonl, ...)")
     prompt_key: str = "prompt"
@@ -197,6 +206,7 @@ MOVED: dict[str, str] = {
     "learner.num_workers": "cluster.learner_workers",
     "rollout.num_engines": "cluster.rollout_engines",
     "cluster.num_reward_actors": "cluster.reward_actors",
+    "run.output_dir": "run.storage",
     **{f"learner.{name}": f"loss.{name}" for name in _LOSS_FIELDS},
 }
 REMOVED: dict[str, str] = {

@@ -9,25 +9,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+from orchestrator.storage import RunStorage
+
+NAME = "metrics.jsonl"
 log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Appends step records to ``<run>/metrics.jsonl`` and logs them to wandb.
+    """Appends step records to ``metrics.jsonl`` in the run's storage and logs them to wandb.
 
     wandb is offline unless ``mode="online"`` (then it needs ``WANDB_API_KEY``);
-    ``mode="disabled"`` skips it. Its files stay inside the run directory.
+    ``mode="disabled"`` skips it. Its files stay in the driver's run directory (``run.local``).
     """
 
-    def __init__(self, run_dir: Path, *, config: dict[str, Any], mode: str = "offline",
+    def __init__(self, run: RunStorage, *, config: dict[str, Any], mode: str = "offline",
                  project: str = "r1lab", name: str | None = None, resume: bool = False) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        self.run = run
+        if resume:
+            run.pull(NAME)  # a URI's records so far, to append to
+        else:
+            run.write_text(NAME, "")
         self._wandb = None
         if mode != "disabled":
-            wandb_dir = Path(run_dir) / "wandb"
+            wandb_dir = run.local / "wandb"
             wandb_dir.mkdir(parents=True, exist_ok=True)
             for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
                 os.environ.setdefault(var, str(wandb_dir / sub))
@@ -41,8 +45,7 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        self.run.append(NAME, json.dumps(clean) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=int(record["step"]))
 

@@ -268,6 +268,14 @@ def engine_bundles(p: PlacementPlan, actor: ActorPlan, cluster) -> EngineBundles
                          gpus_per_worker=cluster.gpus_per_rollout_engine)
 
 
+def on_node_options(node_id: str) -> dict[str, Any]:
+    """A tiny task pinned to one node (``orchestrator.storage``'s checks and staging): no CPU
+    reserved, so it runs while the node is full; never moved to another node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
 def control_options() -> dict[str, Any]:
     """The run's control actor (``orchestrator.control``) only answers polls: no CPU reserved."""
     return {"num_cpus": 0}

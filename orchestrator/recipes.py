@@ -2,7 +2,7 @@
 ``distill`` stages run them).
 
 Every step runs one stage with its own config file plus overrides, as run
-``<pipeline run dir>/<step name>``. Overrides may refer to earlier steps' outputs:
+``<pipeline run>/<step name>`` in the pipeline's ``run.storage``. Overrides may refer to earlier steps' outputs:
 
 - ``${STEP.model}``: the checkpoint a ``grpo``/``sft``/``distill`` step wrote (``STEP/final``);
 - ``${STEP.dataset}``: the SFT data a ``sample`` step wrote (``STEP/sft.jsonl``);
@@ -20,9 +20,11 @@ import re
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import Field, field_validator
 
-from orchestrator.config import ClusterConfig, RunConfig, FrozenModel, dump_config, load_config
+from orchestrator import storage
+from orchestrator.config import ClusterConfig, FrozenModel, RunConfig, load_config
 
 log = logging.getLogger(__name__)
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(model|dataset|dir)\}")
@@ -66,9 +68,10 @@ class PipelineConfig(FrozenModel):
     cluster: ClusterConfig = ClusterConfig()
 
 
-def resolve(overrides: tuple[str, ...], root: Path) -> list[str]:
+def resolve(overrides: tuple[str, ...], root: str) -> list[str]:
+    """Fill ``${STEP.output}`` references with locations under ``root`` (a path or URI)."""
     def sub(m: re.Match) -> str:
-        return str(root / m.group(1) / OUTPUTS[m.group(2)])
+        return storage.join(root, m.group(1), OUTPUTS[m.group(2)])
 
     return [REF.sub(sub, o) for o in overrides]
 
@@ -78,8 +81,8 @@ def step_config(cfg: PipelineConfig, step: PipelineStep):
     from orchestrator.stages import load_stage
 
     module = load_stage(step.stage)
-    root = cfg.run.dir
-    overrides = [*resolve(step.overrides, root), f"run.output_dir={root}", f"run.name={step.name}"]
+    root = storage.RunStorage.of(cfg.run.storage, cfg.run.name).root
+    overrides = [*resolve(step.overrides, root), f"run.storage={root}", f"run.name={step.name}"]
     if cfg.cluster.address and "cluster" in module.Config.model_fields:
         overrides.append(f"cluster.address={cfg.cluster.address}")
     return module, load_config(step.config, overrides, model=module.Config)
@@ -89,17 +92,16 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
     """Run every step not completed before; returns the recipe's run directory."""
     from orchestrator import cluster
 
-    root = cfg.run.dir
-    root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, root / "config.yaml")
+    root = storage.for_run(cfg.run)
+    root.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     # Validate every step's config before running the first one.
     for step in cfg.pipeline.steps:
         step_config(cfg, step)
     cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     total = len(cfg.pipeline.steps)
     for i, step in enumerate(cfg.pipeline.steps, 1):
-        done = root / step.name / "DONE.json"
-        if done.exists():
+        done = f"{step.name}/DONE.json"
+        if root.exists(done):
             log.warning("step %s already completed: skipped", step.name)
             if progress is not None:
                 progress(i, total, f"{step.name} ({step.stage}): done before, skipped")
@@ -109,10 +111,10 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
             progress(i - 1, total, f"{step.name} ({step.stage}) running")
         t0 = time.monotonic()
         module.run(step_cfg)
-        done.write_text(json.dumps({"stage": step.stage, "seconds": time.monotonic() - t0}))
+        root.write_text(done, json.dumps({"stage": step.stage, "seconds": time.monotonic() - t0}))
         if progress is not None:
             progress(i, total, f"{step.name} ({step.stage}) done in {time.monotonic() - t0:.0f}s")
-    return root
+    return root.local
 
 
 def completed_steps(run_dir: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from orchestrator import recipes
+from orchestrator import recipes, storage
 from orchestrator.config import ClusterConfig, FrozenModel, RunConfig
 
 
@@ -45,7 +45,10 @@ def as_pipeline(cfg: Config) -> recipes.PipelineConfig:
 
 def run(cfg: Config, progress=None) -> Path:
     run_dir = recipes.run(as_pipeline(cfg), progress=progress)
+    run = storage.for_run(cfg.run)
     final = run_dir / "final"
-    if not final.exists():
+    if run.is_uri:  # an object store has no links: the student's final model, copied
+        storage.copy_dir(run.location("student", "final"), run.location("final"))
+    elif not final.exists():
         final.symlink_to(Path("student") / "final", target_is_directory=True)
     return run_dir

@@ -36,7 +36,7 @@ from actors.config import RolloutConfig
 from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
 from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
-from orchestrator import inputs, streaming
+from orchestrator import inputs, storage, streaming
 from orchestrator.config import (
     ClusterConfig,
     FrozenModel,
@@ -44,7 +44,6 @@ from orchestrator.config import (
     ModelConfig,
     RunConfig,
     check_room_for_prompt,
-    dump_config,
 )
 from orchestrator.stages import Progress
 from evaluation.vote import same_vote, vote_key
@@ -59,7 +58,7 @@ log = logging.getLogger(__name__)
 
 class BenchmarkSpec(FrozenModel):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    path: Path
+    path: str = Field(description="a benchmark file: a path, or a URI pyarrow.fs opens (read on the driver)")
     format: Literal["task", "math500", "gsm8k", "humaneval", "mbpp"] | None = Field(
         default=None, description=f"one of {', '.join(FORMATS)}; None = detect from the fields")
     limit: int | None = Field(default=None, ge=1, description="evaluate the first N rows only")
@@ -307,22 +306,23 @@ def results_table(result: EvalResult):
     return table
 
 
-def write_results(result: EvalResult, run_dir: Path, *, samples: bool = True) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "results.json"
-    path.write_text(json.dumps(result.summary(), indent=2) + "\n")
+def write_results(result: EvalResult, run: storage.RunStorage, *, samples: bool = True) -> Path:
+    path = run.write_text("results.json", json.dumps(result.summary(), indent=2) + "\n")
     if samples:
-        with (run_dir / "samples.jsonl").open("w") as f:
-            for b in result.benchmarks:
-                for r in b.samples:
-                    row = asdict(r)
-                    row["format_ok"] = None if math.isnan(r.format_ok) else r.format_ok
-                    f.write(json.dumps(row) + "\n")
+        lines = []
+        for b in result.benchmarks:
+            for r in b.samples:
+                row = asdict(r)
+                row["format_ok"] = None if math.isnan(r.format_ok) else r.format_ok
+                lines.append(json.dumps(row) + "\n")
+        run.write_text("samples.jsonl", "".join(lines))
     return path
 
 
 def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
     """Run the stage; returns the run directory (``results.json``, ``samples.jsonl``)."""
+    prepared = storage.prepare(cfg, models=("model.path",), data=("eval.benchmarks.*.path",))
+    cfg, run = prepared.local, prepared.run
     inputs.check_model(cfg.model.path)
     inputs.check_files([s.path for s in cfg.eval.benchmarks], "benchmark file")
     try:
@@ -331,14 +331,14 @@ def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
         from orchestrator.stages import StageError
 
         raise StageError(str(err)) from None
-    run_dir = cfg.run.dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    prepared.write_config()
+    cluster_mod.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    prepared.check_cluster()
     result = evaluate_checkpoint(cfg.model.path, cfg.eval, benchmarks, rollout=cfg.rollout, rewards=cfg.rewards,
                                  cluster=cfg.cluster, progress=progress)
-    write_results(result, run_dir, samples=cfg.eval.save_samples)
+    write_results(result, run, samples=cfg.eval.save_samples)
     if cfg.logging.progress:
         from rich.console import Console
 
         Console().print(results_table(result))
-    return run_dir
+    return run.local

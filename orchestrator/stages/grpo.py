@@ -28,8 +28,8 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.grpo_role import StepStats
-from orchestrator import cluster, inputs, placement, streaming
-from orchestrator.config import GRPOStageConfig, dump_config
+from orchestrator import cluster, inputs, placement, storage, streaming
+from orchestrator.config import GRPOStageConfig
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import TaskRow, load_rows
 from tasks.templates import render_prompt
@@ -94,15 +94,16 @@ def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[Prom
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPOStageConfig) -> None:
+    def __init__(self, prepared: storage.Prepared) -> None:
         from transformers import AutoTokenizer
 
         from orchestrator.stages import StageError
 
+        cfg = prepared.local
         self.cfg = cfg
-        self.run_dir = cfg.run.dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.run_dir / "config.yaml")
+        self.storage = prepared.run
+        self.run_dir = prepared.run.local
+        prepared.write_config()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         try:
             rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
@@ -116,6 +117,7 @@ class GRPOTrainer:
         except ValueError as err:
             raise StageError(f"{cfg.data.train_path}: {err}") from None
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        prepared.check_cluster()
         self.actors = cluster.start(cluster.StageParts.for_grpo(cfg), placement.grpo_roles(cfg))
         backend = ray.get(self.actors.learners[0].collective_backend.remote())
         cluster.init_weight_push(self.actors, backend, cfg.rollout.tensor_parallel_size)
@@ -186,55 +188,60 @@ class GRPOTrainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    STATE = "checkpoints/trainer_state.json"
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> str:
         """Learner states (DeepSpeed: weights, optimizer, scheduler) and the driver's own
-        state (step, policy version, prompt order), enough to continue at ``step + 1``."""
+        state (step, policy version, prompt order), enough to continue at ``step + 1``.
+        Every rank writes (and for a URI uploads) its shards before the state is written."""
         tag = f"step-{step}"
-        ray.get([w.save_checkpoint.remote(str(self.checkpoint_dir.resolve()), tag) for w in self.actors.learners])
+        writers = [self.storage.writer("checkpoints", rank=i) for i in range(len(self.actors.learners))]
+        ray.get([w.save_checkpoint.remote(where, tag, publish)
+                 for w, (where, publish) in zip(self.actors.learners, writers, strict=True)])
         state = {"step": step, "version": self.version, "tag": tag, "sampler": self.sampler.state()}
-        tmp = self.checkpoint_dir / "trainer_state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.checkpoint_dir / "trainer_state.json")  # atomic: never a half-written state
-        return self.checkpoint_dir / tag
+        self.storage.write_text(self.STATE, json.dumps(state))  # atomic: never a half-written state
+        return self.storage.location("checkpoints", tag)
 
     def restore(self) -> int:
         """Load the last checkpoint; returns the step it was taken at."""
         from orchestrator.stages import StageError
 
-        path = self.checkpoint_dir / "trainer_state.json"
-        if not path.exists():
-            raise StageError(f"run.resume is set but {path} does not exist: nothing to resume "
-                             f"(start without run.resume, or pick the run name that was stopped)")
-        state = json.loads(path.read_text())
-        versions = ray.get([w.load_checkpoint.remote(str(self.checkpoint_dir.resolve()), state["tag"])
-                            for w in self.actors.learners])
+        text = self.storage.read_text(self.STATE)
+        if text is None:
+            raise StageError(f"run.resume is set but {self.storage.location(self.STATE)} does not exist: nothing "
+                             f"to resume (start without run.resume, or pick the run name that was stopped)")
+        state = json.loads(text)
+        readers = [self.storage.reader(f"checkpoints/{state['tag']}", rank=i) for i in range(len(self.actors.learners))]
+        versions = ray.get([w.load_checkpoint.remote(str(Path(where).parent), state["tag"], fetch)
+                            for w, (where, fetch) in zip(self.actors.learners, readers, strict=True)])
         self.version = int(state["version"])
         if any(v != self.version for v in versions):
             raise StageError(f"checkpoint {state['tag']} holds learner versions {versions}, expected {self.version}")
         try:
             self.sampler.set_state(state["sampler"])
         except (KeyError, ValueError) as err:
-            raise StageError(f"{path}: cannot restore the prompt order ({err}); resume with the config "
-                             f"the run was started with") from None
+            raise StageError(f"{self.storage.location(self.STATE)}: cannot restore the prompt order ({err}); "
+                             "resume with the config the run was started with") from None
         self.push_weights(self.version)  # engines start from the restored policy
         return int(state["step"])
 
     # -- outputs ----------------------------------------------------------------------------
-    def save_final(self) -> Path:
-        out = self.run_dir / "final"
-        ray.get([w.save_hf.remote(str(out)) for w in self.actors.learners])
-        self.tokenizer.save_pretrained(out)
-        return out
+    def save_final(self) -> str:
+        """Learner rank 0 writes the weights, the driver the tokenizer, both into storage."""
+        where, publish = self.storage.writer("final")
+        ray.get([w.save_hf.remote(where, publish) for w in self.actors.learners])
+        self.storage.save_pretrained(self.tokenizer, "final")
+        return self.storage.location("final")
 
     def shutdown(self) -> None:
         self.actors.shutdown()
 
 
 Config = GRPOStageConfig
+
+
+MODEL_INPUTS = ("model.path", "rewards.reward_models.*.path")
+DATA_INPUTS = ("data.train_path",)
 
 
 def check_inputs(cfg: GRPOStageConfig) -> None:
@@ -271,8 +278,10 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     """
     from orchestrator import control
 
+    prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
+    cfg = prepared.local
     check_inputs(cfg)
-    trainer = GRPOTrainer(cfg)
+    trainer = GRPOTrainer(prepared)
     ctl = control.start_control(cfg.run.name)
     term = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -280,7 +289,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     metrics = None
     try:
         first = trainer.restore() + 1 if cfg.run.resume else 1
-        metrics = MetricsLogger(trainer.run_dir, config=cfg.model_dump(mode="json"),
+        metrics = MetricsLogger(trainer.storage, config=cfg.model_dump(mode="json"),
                                 mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
                                 name=cfg.run.name, resume=cfg.run.resume)
         every = cfg.grpo.checkpoint_every_steps

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from actors.config import RolloutConfig
 from evaluation.filters import REASONS, ReadabilityRules, select
-from orchestrator import cluster, inputs, streaming
+from orchestrator import cluster, inputs, storage, streaming
 from orchestrator.config import (
     ClusterConfig,
     DataConfig,
@@ -34,7 +34,6 @@ from orchestrator.config import (
     ModelConfig,
     RunConfig,
     check_room_for_prompt,
-    dump_config,
 )
 from orchestrator.stages import Progress
 from rewards.config import RewardsConfig
@@ -107,6 +106,8 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
     """Run the stage; returns the run directory (``sft.jsonl``, ``stats.json``)."""
     from transformers import AutoTokenizer
 
+    prepared = storage.prepare(cfg, models=("model.path",), data=("data.train_path",))
+    cfg, run = prepared.local, prepared.run
     inputs.check_model(cfg.model.path)
     inputs.check_files([cfg.data.train_path], "data.train_path")
     s = cfg.sample
@@ -116,9 +117,7 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
         from orchestrator.stages import StageError
 
         raise StageError(str(err)) from None
-    run_dir = cfg.run.dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    prepared.write_config()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     texts = [render_prompt(r.prompt, cfg.data.template, tokenizer) for r in bench.rows]
@@ -138,6 +137,8 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
 
     parts = cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, rollout=cfg.rollout,
                                reward_sets={bench.reward: grading})
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    prepared.check_cluster()
     actors = cluster.start(parts, roles=("rollout", "reward"))
     try:
         groups = streaming.collect(actors.rollouts, streaming.Scoring(actors.rewards), items, s.samples_per_prompt,
@@ -147,19 +148,20 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
 
     dropped: Counter[str] = Counter({r: 0 for r in REASONS})
     kept = prompts_kept = 0
-    with (run_dir / "sft.jsonl").open("w") as f:
-        for sg in groups:
-            responses = [c.text for c in sg.group.completions]
-            reasons = select(responses, [a == 1.0 for a in sg.accuracy], s.rules, max_per_prompt=s.max_per_prompt)
-            dropped.update(r for r in reasons if r is not None)
-            n = 0
-            for text, reason in zip(responses, reasons, strict=True):
-                if reason is None:
-                    i = sg.group.prompt_index
-                    f.write(json.dumps({"prompt": texts[i], "response": text, "source_index": i}) + "\n")
-                    n += 1
-            kept += n
-            prompts_kept += n > 0
+    lines = []
+    for sg in groups:
+        responses = [c.text for c in sg.group.completions]
+        reasons = select(responses, [a == 1.0 for a in sg.accuracy], s.rules, max_per_prompt=s.max_per_prompt)
+        dropped.update(r for r in reasons if r is not None)
+        n = 0
+        for text, reason in zip(responses, reasons, strict=True):
+            if reason is None:
+                i = sg.group.prompt_index
+                lines.append(json.dumps({"prompt": texts[i], "response": text, "source_index": i}) + "\n")
+                n += 1
+        kept += n
+        prompts_kept += n > 0
+    run.write_text("sft.jsonl", "".join(lines))
     total = sum(g.group.size for g in groups)
     stats = {
         "model": cfg.model.path, "data": str(cfg.data.train_path), "reward": bench.reward,
@@ -167,8 +169,8 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
         "dropped": dict(dropped), "accuracy": sum(sum(g.accuracy) for g in groups) / total if total else 0.0,
         "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": max_new,
     }
-    (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    run.write_text("stats.json", json.dumps(stats, indent=2) + "\n")
     log.info("kept %d of %d samples (%s)", kept, total, dict(dropped))
     if progress is not None:
         progress(done, len(items), f"kept {kept}/{total}")
-    return run_dir
+    return run.local

@@ -20,8 +20,8 @@ import ray
 from pydantic import Field
 
 from learner.config import LearnerConfig
-from orchestrator import cluster
-from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig, dump_config
+from orchestrator import cluster, storage
+from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import DataError, load_pairs
 from tasks.templates import render_prompt
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class SFTDataConfig(FrozenModel):
-    train_path: Path = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder")
-    extra_train_paths: tuple[Path, ...] = Field(
+    train_path: str = Field(description="a .jsonl, .json or .parquet file, or a datasets save_to_disk folder "
+                            "(a path, or a URI pyarrow.fs opens: read on the driver)")
+    extra_train_paths: tuple[str, ...] = Field(
         default=(), description="more files of the same shape, trained on together with train_path "
         "(e.g. the non-reasoning data of §2.3.3 beside the rejection-sampled reasoning data)")
     split: str | None = Field(default=None, description="the split to read from paths that hold several "
@@ -105,9 +106,9 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
 def run(cfg: Config, progress=None) -> Path:
     from transformers import AutoTokenizer
 
-    run_dir = cfg.run.dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
+    cfg, run = prepared.local, prepared.run
+    prepared.write_config()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     examples, too_long = load_examples(cfg, tokenizer)
     if too_long:
@@ -120,10 +121,12 @@ def run(cfg: Config, progress=None) -> Path:
     total = steps_per_epoch * cfg.sft.epochs
 
     learners = cluster.SFTLearners(cfg.learner, cfg.sft.micro_batch_sequences, cfg.micro_batches_per_rank)
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    prepared.check_cluster()
     actors = cluster.start(cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                                               learners=learners), roles=("learner",))
     workers = actors.learners
-    metrics = MetricsLogger(run_dir, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
+    metrics = MetricsLogger(run, config=cfg.model_dump(mode="json"), mode=cfg.logging.wandb_mode,
                             project=cfg.logging.wandb_project, name=cfg.run.name)
     rng = random.Random(cfg.run.seed)
     try:
@@ -147,13 +150,17 @@ def run(cfg: Config, progress=None) -> Path:
                 metrics.log(record)
                 if progress is not None:
                     progress(step, total, f"epoch {epoch + 1}  loss {nll:.4f}  ppl {math.exp(min(nll, 50)):.2f}")
-        final = run_dir / "final"
-        ray.get([w.save_hf.remote(str(final)) for w in workers])
-        tokenizer.save_pretrained(final)
+        where, publish = run.writer("final")
+        ray.get([w.save_hf.remote(where, publish) for w in workers])
+        run.save_pretrained(tokenizer, "final")
     finally:
         metrics.close()
         actors.shutdown()
-    return run_dir
+    return run.local
+
+
+MODEL_INPUTS = ("model.path",)
+DATA_INPUTS = ("data.train_path", "data.extra_train_paths")
 
 
 def _split(batch, ranks: int, micro: int) -> list[list[list]]:

@@ -95,7 +95,7 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
     paths = build_inputs(out, progress, pretrain_steps=pretrain_steps)
     demo_dir = out / "demo"
     data = paths["data"]
-    common = ["logging.wandb_mode=offline", f"run.output_dir={demo_dir}"]
+    common = ["logging.wandb_mode=offline", f"run.storage={demo_dir}"]
     steps = [f"grpo.steps={rl_steps}"] if rl_steps else []
     cluster.connect(None, num_cpus=4)
 
@@ -109,7 +109,7 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
 
     # R1: the multi-stage pipeline.
     _say(progress, "R1: cold start → reasoning RL → rejection sampling (+ non-reasoning data) → SFT → RL")
-    recipe = load_config(CONFIGS / "pipeline_r1.yaml", [f"run.output_dir={demo_dir}", "run.name=r1"],
+    recipe = load_config(CONFIGS / "pipeline_r1.yaml", [f"run.storage={demo_dir}", "run.name=r1"],
                          model=pipeline.Config)
     extra = {"cold_start": [f"model.path={paths['base']}", f"data.train_path={data / 'cold_start.jsonl'}"],
              "reasoning_rl": [f"data.train_path={data / 'train.jsonl'}", *steps],

@@ -131,6 +131,9 @@ def _start_command(name: str, resource: str, temp_dir: Path, ports: _Ports) -> l
 def _node_env(name: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    # As after `source .venv/bin/activate` (the README's way to start nodes): a Ray job's
+    # entry point (`r1lab run ...`) is found on the node's PATH.
+    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
     if name == "head":
         env.update(HEAD_ENV)
     return env

@@ -95,7 +95,7 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
     out = tmp_path / "runs"
     run_dir = out / run
     _cli("start", "grpo", "-c", "configs/demo/grpo.yaml", f"model.path={tiny_model}",
-         f"data.train_path={data / 'train.jsonl'}", f"run.output_dir={out}",
+         f"data.train_path={data / 'train.jsonl'}", f"run.storage={out}",
          f"run.name={run}", f"grpo.steps={STEPS}", "grpo.prompts_per_step=2", "grpo.samples_per_prompt=4",
          "cluster.learner_workers=1", "loss.kl_coef=0", "learner.micro_batch_groups=1",
          "rollout.max_new_tokens=16", "logging.wandb_mode=disabled", "--address", cluster.gcs_address, env=env)

@@ -28,7 +28,7 @@ def grpo_run(tiny_base_model, tmp_path_factory) -> Path:
     # Cut-down demo: 30 steps, one learner rank, KL on (reference actor in the loop).
     proc = subprocess.run(
         [*r1lab, "run", "grpo", "-c", "configs/demo/grpo.yaml", f"model.path={tiny_base_model}",
-         f"data.train_path={data / 'train.jsonl'}", f"run.output_dir={out}", "run.name=e2e",
+         f"data.train_path={data / 'train.jsonl'}", f"run.storage={out}", "run.name=e2e",
          "grpo.steps=30", "cluster.learner_workers=1", "logging.wandb_mode=disabled"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )

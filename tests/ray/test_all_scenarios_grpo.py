@@ -25,7 +25,7 @@ def test_grpo_mixes_rule_rewards_and_reward_models(ray_local, tiny_model, tmp_pa
                                       GeneralTask().judged_examples(a, 200, random.Random(0)), steps=20)
            for a in ("helpfulness", "harmlessness")}
     overrides = [
-        f"model.path={tiny_model}", f"data.train_path={data['all_scenarios']}", f"run.output_dir={tmp_path}",
+        f"model.path={tiny_model}", f"data.train_path={data['all_scenarios']}", f"run.storage={tmp_path}",
         "run.name=all", "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4",
         "cluster.learner_workers=1", "loss.kl_coef=0", "rollout.max_new_tokens=16", "logging.wandb_mode=disabled",
         f"rewards.reward_models.0.path={rms['helpfulness']}", f"rewards.reward_models.1.path={rms['harmlessness']}",

@@ -52,7 +52,7 @@ def _run_grpo(tiny_model: Path, data: Path, tmp_path: Path, name: str, extra: li
 
     args = ["run", "grpo", "-c", str(ROOT / "configs/demo/grpo.yaml"),
             f"model.path={tiny_model}", f"data.train_path={data}",
-            f"run.output_dir={tmp_path}", f"run.name={name}", "grpo.steps=2", "grpo.prompts_per_step=2",
+            f"run.storage={tmp_path}", f"run.name={name}", "grpo.steps=2", "grpo.prompts_per_step=2",
             "grpo.samples_per_prompt=2", "cluster.learner_workers=1", "loss.kl_coef=0",
             "learner.micro_batch_groups=1", "rollout.max_new_tokens=8", "rewards.workers=1",
             "logging.wandb_mode=disabled", *extra]

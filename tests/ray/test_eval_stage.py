@@ -29,7 +29,7 @@ def eval_config(model: Path, data: Path, out: Path, **eval_overrides):
     from orchestrator.stages import eval as eval_stage
     from tests.conftest import ROOT
 
-    overrides = [f"model.path={model}", f"run.output_dir={out}", "run.name=ev",
+    overrides = [f"model.path={model}", f"run.storage={out}", "run.name=ev",
                  f"eval.benchmarks=[{{name: add, path: {data}}}]", f"eval.samples_per_prompt={K}",
                  "eval.pass_at_k=[1, 2, 4]", "eval.max_new_tokens=48", "logging.progress=false"]
     overrides += [f"eval.{k}={v}" for k, v in eval_overrides.items()]

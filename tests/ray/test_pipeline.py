@@ -17,7 +17,7 @@ def test_pipeline_runs_then_resumes_by_skipping(ray_local, tiny_model, tmp_path)
     cold = make_cold_start(tmp_path / "data" / "cold.jsonl", n=32)
     recipe = tmp_path / "p.yaml"
     recipe.write_text(f"""
-run: {{name: p, output_dir: {tmp_path}}}
+run: {{name: p, storage: {tmp_path}}}
 pipeline:
   steps:
     - name: warm

@@ -28,7 +28,7 @@ def test_sample_keeps_only_correct_unique_rows_and_counts_the_rest(ray_local, ti
     data = tmp_path / "train.jsonl"
     write_jsonl(rows, data)
     cfg = load_config(ROOT / "configs/demo/sample.yaml", [
-        f"model.path={tiny_base_model}", f"data.train_path={data}", f"run.output_dir={tmp_path}", "run.name=rs",
+        f"model.path={tiny_base_model}", f"data.train_path={data}", f"run.storage={tmp_path}", "run.name=rs",
         f"sample.samples_per_prompt={K}", f"sample.limit_prompts={PROMPTS}", "sample.max_new_tokens=48",
         "sample.max_per_prompt=1", "sample.temperature=1.0", "logging.progress=false",
     ], model=sample.Config)

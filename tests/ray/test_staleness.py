@@ -17,7 +17,7 @@ def test_one_step_ahead_gives_staleness_one(ray_local, tiny_model, tmp_path):
 
     data = make_dataset("addition", tmp_path / "data")
     cfg = load_config(ROOT / "configs/demo/grpo.yaml", [
-        f"model.path={tiny_model}", f"data.train_path={data['train']}", f"run.output_dir={tmp_path}",
+        f"model.path={tiny_model}", f"data.train_path={data['train']}", f"run.storage={tmp_path}",
         "run.name=stale", "grpo.steps=4", "grpo.max_staleness_steps=1", "grpo.prompts_per_step=2",
         "grpo.samples_per_prompt=4", "cluster.learner_workers=1", "loss.kl_coef=0", "learner.micro_batch_groups=1",
         "rollout.max_new_tokens=8", "logging.wandb_mode=disabled",

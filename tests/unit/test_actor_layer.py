@@ -13,7 +13,7 @@ from orchestrator import placement
 from orchestrator.cluster import StageParts
 from orchestrator.config import ClusterConfig, load_config
 from orchestrator.stages import STAGES
-from tests.recipes import load_recipe
+
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_counts_come_from_cluster():
 def test_plan_prints_what_the_stage_starts():
     for path in [ROOT / "configs/demo/grpo.yaml", ROOT / "configs/demo/grpo_all.yaml",
                  *sorted((ROOT / "configs/gpu").glob("*.yaml"))]:
-        cfg = load_recipe(path)
+        cfg = load_config(path)
         started = StageParts.for_grpo(cfg).plan(placement.grpo_roles(cfg))
         assert started == placement.grpo_plan(cfg), path
     assert placement.grpo_roles(load_config(ROOT / "configs/demo/grpo_all.yaml"))[-1] == "reward_model"

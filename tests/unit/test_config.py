@@ -36,7 +36,7 @@ def test_demo_config_loads_and_overrides_apply():
     cfg = load_config(ROOT / "configs/demo/grpo.yaml", ["loss.kl_coef=0", "run.name=x1", "grpo.steps=3"])
     assert cfg.loss.kl_coef == 0.0 and not cfg.use_reference
     assert cfg.run.name == "x1" and cfg.grpo.steps == 3
-    assert cfg.run.dir == Path("runs/x1")
+    assert cfg.run.location == "runs/x1"
 
 
 def test_defaults_are_the_papers(tmp_path):
@@ -104,6 +104,7 @@ MOVED_CASES = [
     ("learner.num_workers", "2", "cluster.learner_workers"),
     ("rollout.num_engines", "2", "cluster.rollout_engines"),
     ("cluster.num_reward_actors", "2", "cluster.reward_actors"),
+    ("run.output_dir", "/data/runs", "run.storage"),
     ("learner.kl_coef", "0.0", "loss.kl_coef"),
     ("learner.clip_eps_low", "0.2", "loss.clip_eps_low"),
     ("learner.clip_eps_high", "0.28", "loss.clip_eps_high"),

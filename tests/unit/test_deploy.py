@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.config import load_config
 from orchestrator.tools.plan import GiB, make_plan, parse_cluster
-from tests.recipes import load_recipe
+
 
 pytestmark = pytest.mark.unit
 
@@ -121,7 +122,7 @@ def test_rayjob_entrypoints_name_configs_that_load() -> None:
         config = Path(argv[argv.index("-c") + 1])
         assert (ROOT / config).is_file(), f"{path.name}: {config} is not in the repo"
         assert path.stem == f"rayjob-{config.stem}"
-        cfg = load_recipe(ROOT / config, argv[argv.index("-c") + 2:])
+        cfg = load_config(ROOT / config, argv[argv.index("-c") + 2:])
         assert cfg.learner.backend == "nccl" and cfg.cluster.gpus_per_learner > 0
         runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert "working_dir" in runtime_env or "image_uri" in runtime_env
@@ -131,7 +132,7 @@ def test_rayjob_entrypoints_name_configs_that_load() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "gpu").glob("*.yaml")), ids=lambda p: p.name)
 def test_gpu_recipes_load(path: Path) -> None:
-    cfg = load_recipe(path)
+    cfg = load_config(path)
     assert cfg.learner.dtype == "bf16" and cfg.learner.backend == "nccl"
     assert cfg.grpo.samples_per_prompt == 16 and cfg.rollout.temperature == 1.0
     assert cfg.cluster.gpus_per_rollout_engine > 0 and cfg.cluster.gpus_per_learner > 0
@@ -172,7 +173,7 @@ def test_multi_node_rayjobs_bring_the_cluster_their_recipe_plans_for() -> None:
         assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == gpus
         assert spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
         assert "run.storage=/data/runs" in argv  # the PVC's mount, the same path on every node
-        plan = make_plan(load_recipe(recipe, argv[argv.index("-c") + 2:]), nodes, gpus, 80 * GiB)
+        plan = make_plan(load_config(recipe, argv[argv.index("-c") + 2:]), nodes, gpus, 80 * GiB)
         assert plan.ok, "\n".join(plan.lines())
         assert {a.node for a in plan.actors if a.gpus} == set(range(nodes))
         pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], group["template"]["spec"]]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_r1_recipe_steps_chain_outputs():
-    cfg = load_config(ROOT / "configs/demo/pipeline_r1.yaml", ["run.output_dir=/x"], model=pipeline.Config)
+    cfg = load_config(ROOT / "configs/demo/pipeline_r1.yaml", ["run.storage=/x"], model=pipeline.Config)
     names = [s.name for s in cfg.pipeline.steps]
     assert names == ["cold_start", "reasoning_rl", "rejection_sampling", "non_reasoning", "sft_rs", "rl_all"]
     configs = {s.name: pipeline.step_config(cfg, s)[1] for s in cfg.pipeline.steps}
@@ -25,11 +25,11 @@ def test_r1_recipe_steps_chain_outputs():
     assert configs["non_reasoning"].rewards.accuracy_reward == "format_r1"
     assert [m.scope for m in configs["rl_all"].rewards.reward_models] == ["summary", "response"]
     assert configs["rejection_sampling"].rewards.accuracy_reward == "math_accuracy"
-    assert all(c.run.name == n and str(c.run.output_dir) == "/x/demo-r1" for n, c in configs.items())
+    assert all(c.run.name == n and str(c.run.storage) == "/x/demo-r1" for n, c in configs.items())
 
 
 def test_distill_is_sample_then_sft():
-    cfg = load_config(ROOT / "configs/demo/distill.yaml", ["distill.teacher=/t", "run.output_dir=/o"],
+    cfg = load_config(ROOT / "configs/demo/distill.yaml", ["distill.teacher=/t", "run.storage=/o"],
                       model=distill.Config)
     p = distill.as_pipeline(cfg)
     sample_cfg = pipeline.step_config(p, p.pipeline.steps[0])[1]

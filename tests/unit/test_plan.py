@@ -10,7 +10,7 @@ import typer
 
 from orchestrator.config import GRPOStageConfig, load_config
 from orchestrator.tools.plan import CONTEXT_BYTES, GiB, KNOWN_MODELS, command, make_plan, model_shape, parse_cluster
-from tests.recipes import load_recipe
+
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_max_model_len_checked_against_the_model(tiny_model: Path) -> None:
 def test_gpu_recipes_plan_on_the_cluster_they_name(recipe: str, nodes: int, gpus: int) -> None:
     path = ROOT / "configs" / "gpu" / f"{recipe}.yaml"
     assert f"--cluster {nodes}x{gpus}" in path.read_text()  # the recipe says what it is written for
-    plan = make_plan(load_recipe(path), nodes, gpus, 80 * GiB)
+    plan = make_plan(load_config(path), nodes, gpus, 80 * GiB)
     assert plan.ok, "\n".join(plan.lines())
     assert len(plan.gpu_usage()) == nodes * gpus  # every GPU is used
     assert all(b.resources.get("GPU", 0) == 1 for b in plan.placement.bundles)  # one bundle per GPU
@@ -163,7 +163,7 @@ def _bundles_of(plan, name: str) -> tuple[int, ...]:
 def test_two_node_recipe_puts_learners_and_engines_on_nodes_of_their_own() -> None:
     """2x8: ZeRO-3 learner ranks and the reference fill node 0; each TP=2 engine's two
     bundles share a node (node 1), as its STRICT_PACK group demands."""
-    cfg = load_recipe(ROOT / "configs/gpu/r1zero-qwen2.5-7b-2x8.yaml")
+    cfg = load_config(ROOT / "configs/gpu/r1zero-qwen2.5-7b-2x8.yaml")
     assert cfg.learner.zero_stage == 3 and cfg.rollout.tensor_parallel_size == 2
     plan = make_plan(cfg, 2, 8, 80 * GiB)
     nodes = {a.name: a.node for a in plan.actors if a.gpus}
