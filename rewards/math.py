@@ -11,17 +11,23 @@ Two steps, kept apart so each can be tested on its own:
    them: numbers with separators, fractions, decimals, percentages, LaTeX, intervals,
    sets and tuples, matrices, equations, symbolic expressions, several answers.
 
-Nothing here has a time limit: sympy can be made to run for ever (``9!!!!``). Score
-through ``rewards.isolation.pool.ScoringPool``, which runs rewards in worker processes under a
-wall-clock deadline. Math-Verify's own ``signal.alarm`` timeouts are switched off
-(``parsing_timeout=None``, ``timeout_seconds=None``): they raise off the main thread,
-which is how every score inside Ray workers once became 0 in other systems.
+sympy can be made to run for ever (``9!!!!``) and holds the GIL while it does. The
+reward has no time limit of its own: score through ``rewards.isolation.pool.ScoringPool``,
+which runs rewards in worker processes under a wall-clock deadline. ``equivalent``, which
+users call from their own code, bounds itself: answers that look cheap (short, no
+factorials, no power towers or long exponents) are compared here, the rest in a pooled
+worker process (``rewards.isolation.bounded``). Math-Verify's own ``signal.alarm``
+timeouts are switched off (``parsing_timeout=None``, ``timeout_seconds=None``): they
+raise off the main thread, which is how every score inside Ray workers once became 0 in
+other systems.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -305,6 +311,78 @@ def _shown(parsed: list[Any]) -> str:
     return str(parsed[-1])[:60]  # the matched string: cheap, unlike str() of sympy
 
 
+# --- equivalent(): bounded and never raising ------------------------------------
+
+# What Math-Verify parses quickly in this process. Anything else may run for ever in
+# sympy (``9!!!!``, ``2^{2^{2^{2^{2^{2}}}}}``, ``\\binom{10^9}{10^8}``, ``1e99999``) and
+# goes to a worker process with a deadline.
+_CHEAP_MAX_CHARS = 100
+_CHEAP_MAX_POWERS = 2
+_POWER = re.compile(r"\^|\*\*")
+# One digit, one letter or a degree sign: ``x^2``, ``10^{4}``, ``e^{x}``, ``90^\circ``.
+_SMALL_EXPONENT = re.compile(
+    r"(?:\^|\*\*)\s*(?:-?\d(?!\d)|[a-zA-Z](?![a-zA-Z])|\\circ|\\prime"
+    r"|\{\s*(?:-?\d|[a-zA-Z]|\\circ|\\prime)\s*\})(?!\s*(?:\^|\*\*|!))"
+)
+_LONG_E_EXPONENT = re.compile(r"\d[eE][-+]?\d{3}")
+_SAFE_COMMANDS = frozenset(
+    "frac dfrac tfrac cfrac sqrt pi cdot times div left right circ prime infty le leq ge geq"
+    " lt gt ne neq pm mp in notin cup cap setminus emptyset varnothing mathbb boxed fbox"
+    " dots ldots cdots quad qquad approx angle degree sin cos tan cot sec csc log ln exp"
+    " alpha beta gamma delta epsilon varepsilon theta lambda mu sigma phi varphi omega"
+    " text textbf textit textnormal mathrm mbox begin end pmatrix bmatrix matrix".split()
+)
+_SAFE_WORDS = frozenset("sqrt sin cos tan cot sec csc log ln exp pi oo inf mod and or".split())
+_SPACING = re.compile(r"\\[,;:! ]|\\(?:left|right)\b|\s+")
+
+
+def _cheap(answer: str) -> bool:
+    """True when Math-Verify reads ``answer`` in well under a second: short, no
+    factorial, at most two powers, each of one digit or letter, none stacked."""
+    if len(answer) > _CHEAP_MAX_CHARS or "!" in answer.replace("\\!", ""):
+        return False
+    powers = len(_POWER.findall(answer))
+    if powers > _CHEAP_MAX_POWERS or len(_SMALL_EXPONENT.findall(answer)) != powers:
+        return False
+    if _LONG_E_EXPONENT.search(answer):
+        return False
+    if any(c[1:] not in _SAFE_COMMANDS for c in _COMMAND.findall(answer)):
+        return False
+    words = _WORD.findall(_COMMAND.sub(" ", _ENV_NAME.sub(" ", _TEXT_ARG.sub(" ", answer))))
+    return all(w.lower() in _SAFE_WORDS for w in words)
+
+
+def _as_written(answer: str) -> str:
+    """``answer`` as a string to compare when it is no mathematics Math-Verify reads
+    (``12:00``): Unicode-normalised, without ``$``, a box, spacing or a final period."""
+    text = unicodedata.normalize("NFKC", answer).strip().strip("$").strip()
+    text = unbox(text) or text
+    return _SPACING.sub("", text).rstrip(".").casefold()
+
+
+def _equivalent_here(pred: str, gold: str, options: dict[str, Any]) -> bool | None:
+    verdict, _ = _compare(pred, gold, **options)
+    return verdict
+
+
+def _equivalent_in_worker(pred: str, gold: str, options: dict[str, Any], timeout_s: float) -> bool | None:
+    """Math-Verify's verdict from a worker process; False past ``timeout_s``; None when
+    the worker could not compare (the caller then compares strings)."""
+    from rewards.config import RewardSpec
+    from rewards.isolation.bounded import score_within
+
+    reward_options = {"extraction": "loose", "max_answer_chars": sys.maxsize, **options}
+    spec = RewardSpec(name="math_accuracy", options=reward_options)
+    result = score_within(spec, pred, gold, timeout_s)
+    if result.status is RewardStatus.CORRECT:
+        return True
+    if result.status is RewardStatus.UNGRADABLE:
+        return None
+    if result.status is RewardStatus.ERROR:
+        raise RuntimeError(result.reason)
+    return False  # WRONG, NO_ANSWER, TIMEOUT
+
+
 def equivalent(
     pred: str,
     gold: str,
@@ -313,14 +391,22 @@ def equivalent(
     min_significant_digits: int = 3,
     strict_variables: bool = True,
     set_relation: bool = False,
+    timeout_s: float | None = 5.0,
 ) -> bool | None:
     """Whether ``pred`` states the same mathematical answer as ``gold``.
 
     Both may be bare answers (``\\frac{1}{2}``, ``1,000``, ``x=3``), ``$…$`` LaTeX, boxed,
     or whole responses; the final answer is taken from each the same way
     (``extract_answer(strict=False)``), as Math-Verify's own tests do. Returns None when
-    the gold answer cannot be parsed ("ungradable", not "wrong"). No time limit: see the
-    module docstring.
+    the gold answer cannot be parsed ("ungradable", not "wrong").
+
+    Safe to call from any thread; never raises for any ``pred`` or ``gold``. It returns
+    within ``timeout_s`` seconds: answers that could keep sympy busy (factorials, power
+    towers, long exponents, long answers) are compared in a worker process
+    (``rewards.isolation.bounded``), and one not decided in time is False — not shown
+    equivalent. ``timeout_s=None``: everything in this process, with no limit. Answers
+    Math-Verify cannot compare (``12:00``, ``3:4`` against ``3 : 4``) are compared as the
+    strings they are, normalised (``_as_written``).
 
     Conventions (they differ between graders, so they are arguments):
       float_rounding: decimal places floats are rounded to before comparing. None: the
@@ -332,21 +418,32 @@ def equivalent(
         (``-2 ≤ x ≤ 7`` vs ``[-2, 7]``); the other way round is always allowed.
       Lists: "1, 2, 3" is the set {1, 2, 3}, order free (MATH: "all solutions").
     """
-    pred_answer = extract_answer(pred, strict=False)
-    gold_answer = extract_answer(gold, strict=False)
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+    pred, gold = str(pred), str(gold)
+    try:
+        pred_answer = extract_answer(pred, strict=False)
+        gold_answer = extract_answer(gold, strict=False)
+    except Exception:  # extraction is plain string work; should it fail, compare strings
+        return _as_written(pred) == _as_written(gold) if gold.strip() else None
     if gold_answer is None:
         return None
     if pred_answer is None:
         return False
-    verdict, _ = _compare(
-        pred_answer.text,
-        gold_answer.text,
-        float_rounding=float_rounding,
-        min_significant_digits=min_significant_digits,
-        strict_variables=strict_variables,
-        set_relation=set_relation,
-    )
-    return verdict
+    if pred_answer.text.strip() == gold_answer.text.strip():
+        return True
+    options = {
+        "float_rounding": float_rounding,
+        "min_significant_digits": min_significant_digits,
+        "strict_variables": strict_variables,
+        "set_relation": set_relation,
+    }
+    try:
+        if timeout_s is None or (_cheap(pred_answer.text) and _cheap(gold_answer.text)):
+            return _equivalent_here(pred_answer.text, gold_answer.text, options)
+        return _equivalent_in_worker(pred, gold, options, timeout_s)
+    except Exception:  # Math-Verify could not compare them: ``12:00``, ``3:4`` …
+        return _as_written(pred_answer.text) == _as_written(gold_answer.text)
 
 
 def math_accuracy(
