@@ -1,4 +1,6 @@
-"""Math answer reward (DeepSeek-R1 §2.2.2, "accuracy rewards").
+"""Math answers: finding them, comparing them, and the ``math_accuracy`` reward
+(DeepSeek-R1 §2.2.2, "accuracy rewards"). ``rewards.math`` is the public front: it
+re-exports these and adds ``equivalent``, bounded in time for callers' own code.
 
 Two steps, kept apart so each can be tested on its own:
 
@@ -7,26 +9,22 @@ Two steps, kept apart so each can be tested on its own:
    reasoning, else the sentence after "the answer is". With ``strict=False`` it also
    falls back to Math-Verify's own search (last LaTeX expression, last number), which is
    what Math-Verify's and most frameworks' tests assume.
-2. ``equivalent``: parse both answers with Math-Verify (latex2sympy + sympy) and compare
+2. ``compare``: parse both answers with Math-Verify (latex2sympy + sympy) and compare
    them: numbers with separators, fractions, decimals, percentages, LaTeX, intervals,
    sets and tuples, matrices, equations, symbolic expressions, several answers.
 
-sympy can be made to run for ever (``9!!!!``) and holds the GIL while it does. The
-reward has no time limit of its own: score through ``rewards.isolation.pool.ScoringPool``,
-which runs rewards in worker processes under a wall-clock deadline. ``equivalent``, which
-users call from their own code, bounds itself: answers that look cheap (short, no
-factorials, no power towers or long exponents) are compared here, the rest in a pooled
-worker process (``rewards.isolation.bounded``). Math-Verify's own ``signal.alarm``
-timeouts are switched off (``parsing_timeout=None``, ``timeout_seconds=None``): they
-raise off the main thread, which is how every score inside Ray workers once became 0 in
-other systems.
+Nothing here has a time limit: sympy can be made to run for ever (``9!!!!``) and holds
+the GIL while it does. Score through ``rewards.isolation.pool.ScoringPool``, which runs
+rewards in worker processes under a wall-clock deadline. Math-Verify's own
+``signal.alarm`` timeouts are switched off (``parsing_timeout=None``,
+``timeout_seconds=None``): they raise off the main thread, which is how every score
+inside Ray workers once became 0 in other systems.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import sys
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -272,7 +270,7 @@ def _decimal_places(answer: str, min_significant_digits: int) -> int | None:
     return len(frac)
 
 
-def _compare(
+def compare(
     pred: str,
     gold: str,
     *,
@@ -311,11 +309,11 @@ def _shown(parsed: list[Any]) -> str:
     return str(parsed[-1])[:60]  # the matched string: cheap, unlike str() of sympy
 
 
-# --- equivalent(): bounded and never raising ------------------------------------
+# --- what is cheap to compare, and answers as strings ---------------------------
 
 # What Math-Verify parses quickly in this process. Anything else may run for ever in
-# sympy (``9!!!!``, ``2^{2^{2^{2^{2^{2}}}}}``, ``\\binom{10^9}{10^8}``, ``1e99999``) and
-# goes to a worker process with a deadline.
+# sympy (``9!!!!``, ``2^{2^{2^{2^{2^{2}}}}}``, ``\\binom{10^9}{10^8}``, ``1e99999``):
+# ``rewards.math.equivalent`` compares it in a worker process with a deadline.
 _CHEAP_MAX_CHARS = 100
 _CHEAP_MAX_POWERS = 2
 _POWER = re.compile(r"\^|\*\*")
@@ -336,7 +334,7 @@ _SAFE_WORDS = frozenset("sqrt sin cos tan cot sec csc log ln exp pi oo inf mod a
 _SPACING = re.compile(r"\\[,;:! ]|\\(?:left|right)\b|\s+")
 
 
-def _cheap(answer: str) -> bool:
+def cheap_to_compare(answer: str) -> bool:
     """True when Math-Verify reads ``answer`` in well under a second: short, no
     factorial, at most two powers, each of one digit or letter, none stacked."""
     if len(answer) > _CHEAP_MAX_CHARS or "!" in answer.replace("\\!", ""):
@@ -352,98 +350,12 @@ def _cheap(answer: str) -> bool:
     return all(w.lower() in _SAFE_WORDS for w in words)
 
 
-def _as_written(answer: str) -> str:
+def as_written(answer: str) -> str:
     """``answer`` as a string to compare when it is no mathematics Math-Verify reads
     (``12:00``): Unicode-normalised, without ``$``, a box, spacing or a final period."""
     text = unicodedata.normalize("NFKC", answer).strip().strip("$").strip()
     text = unbox(text) or text
     return _SPACING.sub("", text).rstrip(".").casefold()
-
-
-def _equivalent_here(pred: str, gold: str, options: dict[str, Any]) -> bool | None:
-    verdict, _ = _compare(pred, gold, **options)
-    return verdict
-
-
-def _equivalent_in_worker(pred: str, gold: str, options: dict[str, Any], timeout_s: float) -> bool | None:
-    """Math-Verify's verdict from a worker process; False past ``timeout_s``; None when
-    the worker could not compare (the caller then compares strings)."""
-    from rewards.config import RewardSpec
-    from rewards.isolation.bounded import score_within
-
-    reward_options = {"extraction": "loose", "max_answer_chars": sys.maxsize, **options}
-    spec = RewardSpec(name="math_accuracy", options=reward_options)
-    result = score_within(spec, pred, gold, timeout_s)
-    if result.status is RewardStatus.CORRECT:
-        return True
-    if result.status is RewardStatus.UNGRADABLE:
-        return None
-    if result.status is RewardStatus.ERROR:
-        raise RuntimeError(result.reason)
-    return False  # WRONG, NO_ANSWER, TIMEOUT
-
-
-def equivalent(
-    pred: str,
-    gold: str,
-    *,
-    float_rounding: int | None = None,
-    min_significant_digits: int = 3,
-    strict_variables: bool = True,
-    set_relation: bool = False,
-    timeout_s: float | None = 5.0,
-) -> bool | None:
-    """Whether ``pred`` states the same mathematical answer as ``gold``.
-
-    Both may be bare answers (``\\frac{1}{2}``, ``1,000``, ``x=3``), ``$…$`` LaTeX, boxed,
-    or whole responses; the final answer is taken from each the same way
-    (``extract_answer(strict=False)``), as Math-Verify's own tests do. Returns None when
-    the gold answer cannot be parsed ("ungradable", not "wrong").
-
-    Safe to call from any thread; never raises for any ``pred`` or ``gold``. It returns
-    within ``timeout_s`` seconds: answers that could keep sympy busy (factorials, power
-    towers, long exponents, long answers) are compared in a worker process
-    (``rewards.isolation.bounded``), and one not decided in time is False — not shown
-    equivalent. ``timeout_s=None``: everything in this process, with no limit. Answers
-    Math-Verify cannot compare (``12:00``, ``3:4`` against ``3 : 4``) are compared as the
-    strings they are, normalised (``_as_written``).
-
-    Conventions (they differ between graders, so they are arguments):
-      float_rounding: decimal places floats are rounded to before comparing. None: the
-        places shown by the prediction's most precise decimal, when that has at least
-        ``min_significant_digits`` significant digits (2.6667 = 8/3, 0.3333 = 1/3,
-        0.067 ≠ 0.066793), else 6 (Math-Verify's default).
-      strict_variables: f(x) ≠ f(y) (Math-Verify ``strict=True``).
-      set_relation: compare a relation in the prediction with a set in the gold
-        (``-2 ≤ x ≤ 7`` vs ``[-2, 7]``); the other way round is always allowed.
-      Lists: "1, 2, 3" is the set {1, 2, 3}, order free (MATH: "all solutions").
-    """
-    if timeout_s is not None and not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
-    pred, gold = str(pred), str(gold)
-    try:
-        pred_answer = extract_answer(pred, strict=False)
-        gold_answer = extract_answer(gold, strict=False)
-    except Exception:  # extraction is plain string work; should it fail, compare strings
-        return _as_written(pred) == _as_written(gold) if gold.strip() else None
-    if gold_answer is None:
-        return None
-    if pred_answer is None:
-        return False
-    if pred_answer.text.strip() == gold_answer.text.strip():
-        return True
-    options = {
-        "float_rounding": float_rounding,
-        "min_significant_digits": min_significant_digits,
-        "strict_variables": strict_variables,
-        "set_relation": set_relation,
-    }
-    try:
-        if timeout_s is None or (_cheap(pred_answer.text) and _cheap(gold_answer.text)):
-            return _equivalent_here(pred_answer.text, gold_answer.text, options)
-        return _equivalent_in_worker(pred, gold, options, timeout_s)
-    except Exception:  # Math-Verify could not compare them: ``12:00``, ``3:4`` …
-        return _as_written(pred_answer.text) == _as_written(gold_answer.text)
 
 
 def math_accuracy(
@@ -463,7 +375,7 @@ def math_accuracy(
     answer is"; "loose" also searches the text (see ``extract_answer``).
     ``max_answer_chars``: a longer final answer is wrong without parsing — degenerate
     outputs (``\\boxed{1+1+1+…}``) would otherwise each cost a timeout and a worker.
-    The other arguments are ``equivalent``'s conventions.
+    The other arguments are the conventions of ``rewards.math.equivalent``.
     """
     gold = extract_answer(reference, strict=False)
     if gold is None:
@@ -475,7 +387,7 @@ def math_accuracy(
     if answer.source != "search" and len(answer.text) > max_answer_chars:
         reason = f"{answer.source}: answer of {len(answer.text)} chars, over {max_answer_chars}"
         return RewardResult(0.0, RewardStatus.WRONG, reason)
-    verdict, why = _compare(
+    verdict, why = compare(
         answer.text,
         gold.text,
         float_rounding=float_rounding,

@@ -23,7 +23,7 @@ from rewards.basic import answer_tag_vote, build_exact_answer, build_no_phrase, 
 from rewards.code import build_code_tests, program_vote
 from rewards.format import build_format_r1, build_format_r1zero
 from rewards.language import build_language_consistency
-from rewards.math import answer_vote, build_math_accuracy, vote_response
+from rewards.math_answer import answer_vote, build_math_accuracy, vote_response
 from rewards.types import RewardFn, RewardResult
 
 __all__ = ["REWARDS", "RewardEntry", "RewardFn", "available", "build_reward", "combine", "entry", "register"]
