@@ -31,20 +31,18 @@ from rewards.types import RewardResult, RewardStatus
 _MAX_POOLS = 4
 _MEMORY_LIMIT_MB = 4096
 
-_state_lock = threading.Lock()
-_free_pool = threading.Condition(_state_lock)
+_free_pool = threading.Condition()  # guards _idle and _live; notified when a pool frees
 _idle: dict[tuple[str, float], list[ScoringPool]] = {}  # (spec key, timeout) -> idle ScoringPools
 _live = 0  # pools idle, lent, or starting
 _inherited: list[ScoringPool] = []  # a forked child's copy of its parent's pools: never used, never closed
 
 
 def _forget_parent_pools() -> None:
-    global _state_lock, _free_pool, _live
+    global _free_pool, _live
     _inherited.extend(p for pools in _idle.values() for p in pools)
     _idle.clear()
     _live = 0
-    _state_lock = threading.Lock()
-    _free_pool = threading.Condition(_state_lock)
+    _free_pool = threading.Condition()  # the parent's may have been held at the fork
 
 
 os.register_at_fork(after_in_child=_forget_parent_pools)
@@ -93,9 +91,10 @@ def _run(spec: RewardSpec, response: str, reference: str, timeout_s: float,
 
 
 def _borrow(spec: RewardSpec, key: tuple[str, float], deadline: float) -> ScoringPool | None:
-    """An idle pool for ``key``, a new one if fewer than ``_MAX_POOLS`` exist, else wait
-    for one until ``deadline`` (None then)."""
+    """An idle pool for ``key``, a new one if fewer than ``_MAX_POOLS`` exist (an idle
+    pool of another spec makes room), else wait for one until ``deadline`` (None then)."""
     global _live
+    evicted = None
     with _free_pool:
         while True:
             if _idle.get(key):
@@ -103,14 +102,16 @@ def _borrow(spec: RewardSpec, key: tuple[str, float], deadline: float) -> Scorin
             if _live < _MAX_POOLS:
                 _live += 1
                 break
-            if any(_idle.values()):  # idle pools of other specs make room
-                _idle_pool_of_other_key().close()
-                _live -= 1
-                continue
+            other = next((pools for pools in _idle.values() if pools), None)
+            if other is not None:
+                evicted = other.pop()  # our slot now: _live stays
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             _free_pool.wait(timeout=left)
+    if evicted is not None:
+        evicted.close()
     try:
         return ScoringPool([spec], workers=1, timeout_s=key[1], memory_limit_mb=_MEMORY_LIMIT_MB)
     except BaseException:
@@ -118,13 +119,6 @@ def _borrow(spec: RewardSpec, key: tuple[str, float], deadline: float) -> Scorin
             _live -= 1
             _free_pool.notify()
         raise
-
-
-def _idle_pool_of_other_key() -> ScoringPool:
-    for pools in _idle.values():
-        if pools:
-            return pools.pop()
-    raise AssertionError("no idle pool")  # callers check any(_idle.values()) first
 
 
 def _give_back(key: tuple[str, float], pool: ScoringPool) -> None:
