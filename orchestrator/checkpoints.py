@@ -86,9 +86,11 @@ class CheckpointDir:
         return [Checkpoint(int(m.group(1)), name) for name in self._names() if (m := _STEP.match(name))]
 
     def prune(self, current: Checkpoint) -> None:
-        """Remove temp folders and all ``step-N`` folders but the newest ``keep`` (never ``current``)."""
+        """Remove temp folders, incomplete ``step-N`` folders, and all complete ones but the
+        newest ``keep`` (never ``current``)."""
         steps = sorted(self.listed(), key=lambda c: c.step, reverse=True)
-        doomed = [c.name for c in steps[self.keep:] if c.name != current.name]
+        complete = [c for c in steps if c.name == current.name or self.run.exists(f"{c.path}/{STATE}")]
+        doomed = [c.name for c in steps if c not in complete[:self.keep] and c.name != current.name]
         doomed += [name for name in self._names() if _TEMP.match(name)]
         filesystem_, _ = filesystem(self.run.root)
         for name in doomed:
