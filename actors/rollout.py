@@ -95,15 +95,22 @@ class RolloutActor:
         )
 
     def stream_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
-                      temperature: float | None = None, top_p: float | None = None,
-                      max_new_tokens: int | None = None, ignore_eos: bool = False) -> Iterator[Group]:
+                      seeds: Sequence[int] | None = None, temperature: float | None = None,
+                      top_p: float | None = None, max_new_tokens: int | None = None,
+                      ignore_eos: bool = False) -> Iterator[Group]:
         """Sample ``samples_per_prompt`` completions per prompt; yield each prompt's group
-        as soon as all its completions are done (a Ray streaming generator)."""
-        params = self._params(samples_per_prompt, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, seed=None, ignore_eos=ignore_eos)
+        as soon as all its completions are done (a Ray streaming generator).
+        ``seeds``: one per prompt; completion k of a prompt is sampled with its seed + k
+        (``vllm_adapter.child_seed``), so it does not depend on what else the engine runs.
+        None: the engine's own random stream."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         by_id = {}
         requests = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
+            params = self._params(samples_per_prompt, temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, seed=None if seeds is None else seeds[k],
+                                  ignore_eos=ignore_eos)
             self._request_seq += 1
             rid = f"{self.engine_index}-{self._request_seq}"
             by_id[rid] = p

@@ -7,6 +7,8 @@ checks them. What is internal here:
   and reached with ``LLM.collective_rpc``; it calls the worker's ``reload_weights``
   (vLLM 0.32+: weights are repacked after loading on CPU, so ``model.load_weights``
   alone does not update a loaded model).
+- ``child_seed``: a request with ``n`` > 1 and a seed is split into ``n`` child requests,
+  child k seeded with ``seed + k`` (``vllm.v1.engine.parallel_sampling.ParentRequest``).
 - ``stream_generate`` drives ``LLM.llm_engine`` (``add_request``/``step``) to hand out
   each request as soon as it finishes, instead of ``LLM.generate``'s all-at-end.
 """
@@ -174,6 +176,12 @@ class WeightSyncExtension:
 
         self.reload_weights(weights_iterator=weights())
         return received
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed vLLM samples completion ``index`` of a request seeded ``seed`` with (each
+    child request gets its own generator; ``tests/unit/test_resume.py`` checks the rule)."""
+    return seed + index
 
 
 def in_process_engine_env() -> None:

@@ -82,7 +82,11 @@ class GRPOConfig(_Frozen):
     max_staleness_steps: int = Field(
         default=0, ge=0, description="how many steps generation may run ahead; 0 = on-policy"
     )
-    checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = only the final one")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="a checkpoint every this many steps; 0 = off")
+    checkpoint_every_minutes: float = Field(
+        default=30.0, ge=0, description="a checkpoint when this much wall time passed since the last; 0 = off "
+        "(a stop, Ctrl-C or SIGTERM always writes one)")
+    keep_checkpoints: int = Field(default=2, ge=1, description="how many of the newest checkpoints are kept")
 
 
 ROLE_NAMES = ("learner", "rollout", "reference", "reward", "reward_model")  # orchestrator.placement.ROLES

@@ -23,10 +23,15 @@ class MetricsLogger:
     """
 
     def __init__(self, run: RunStorage, *, config: dict[str, Any], mode: str = "offline",
-                 project: str = "r1lab", name: str | None = None, resume: bool = False) -> None:
+                 project: str = "r1lab", name: str | None = None, resume: bool = False,
+                 resumed_at: int | None = None) -> None:
+        """``resume``: append to the records so far; rows after step ``resumed_at`` (the
+        checkpoint's) are dropped first, so no step is recorded twice."""
         self.run = run
         if resume:
             run.pull(NAME)  # a URI's records so far, to append to
+            if resumed_at is not None:
+                keep_through(run, NAME, resumed_at)
         else:
             run.write_text(NAME, "")
         self._wandb = None
@@ -53,6 +58,18 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def keep_through(run: RunStorage, name: str, step: int) -> None:
+    """Drop the rows of the JSON-lines file ``name`` recorded after ``step``."""
+    text = run.read_text(name)
+    if text is None:
+        return
+    rows = [line for line in text.splitlines() if line.strip()]
+    kept = [line for line in rows if int(json.loads(line)["step"]) <= step]
+    if len(kept) != len(rows):
+        log.info("%s: dropping %d rows after step %d (resumed from its checkpoint)", name, len(rows) - len(kept), step)
+        run.write_text(name, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

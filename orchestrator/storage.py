@@ -87,6 +87,15 @@ def _fs(uri: str):
                            "(file:///abs/path, s3://bucket/prefix, gs://bucket/prefix)") from None
 
 
+def filesystem(location: str):
+    """``(pyarrow FileSystem, path)`` for a URI or a local path."""
+    if is_uri(location):
+        return _fs(location)
+    from pyarrow import fs
+
+    return fs.LocalFileSystem(), location
+
+
 def exists(location: str) -> bool:
     if not is_uri(location):
         return os.path.exists(location)
@@ -177,10 +186,14 @@ class RunStorage:
 
     def write_text(self, name: str, text: str) -> Path:
         """Write ``name`` whole (atomically: a reader never sees half of it)."""
+        return self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write ``name`` whole (atomically: a reader never sees half of it)."""
         path = self.local / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
         self._publish(name)
         return path
@@ -205,6 +218,10 @@ class RunStorage:
     def read_text(self, name: str) -> str | None:
         path = self.pull(name)
         return path.read_text() if path.exists() else None
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self.pull(name)
+        return path.read_bytes() if path.exists() else None
 
     def exists(self, name: str) -> bool:
         return exists(self.location(name))

@@ -262,7 +262,7 @@ def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Seque
     actors = cluster_mod.start(parts, roles=("rollout", "reward"))
     results = []
     try:
-        for b in benchmarks:
+        for slot, b in enumerate(benchmarks):
             def tick(name: str = b.name) -> None:
                 nonlocal done
                 done += 1
@@ -271,6 +271,7 @@ def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Seque
 
             groups = streaming.collect(actors.rollouts, streaming.Scoring(actors.reward_sets[b.reward]),
                                        prompts[b.name], settings.samples_per_prompt, on_group=tick,
+                                       seed=(rollout.seed, slot),
                                        temperature=settings.temperature, top_p=settings.top_p,
                                        max_new_tokens=max_new)
             result = score_benchmark(b, groups, settings, reward_sets[b.reward])

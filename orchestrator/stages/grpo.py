@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -28,13 +30,17 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.grpo_role import StepStats
-from orchestrator import cluster, inputs, placement, storage, streaming
+from orchestrator import checkpoints, cluster, inputs, placement, storage, streaming
 from orchestrator.config import GRPOStageConfig
-from orchestrator.metrics import MetricsLogger
+from orchestrator.metrics import MetricsLogger, keep_through
 from tasks.data_files import TaskRow, load_rows
 from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
+
+PROMPTS = "prompts.jsonl"  # per step: the indices of the prompts it trained on
+LEARNER_TAG = "learner"  # the DeepSpeed tag inside a checkpoint folder
+PENDING = "ahead.pkl"  # in a checkpoint: the groups generated for later steps
 
 
 class PromptSampler:
@@ -84,6 +90,16 @@ class PromptSampler:
         self.orders = {k: list(v) for k, v in state["orders"].items()}
 
 
+@dataclass
+class StepLaunch:
+    """Generation under way for ``step``: its prompts (indices into the training data, in
+    the sampler's order) and their groups' streams."""
+
+    step: int
+    prompt_indices: tuple[int, ...]
+    launch: streaming.Launch
+
+
 def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[PromptItem]:
     items = []
     for i, row in enumerate(rows):
@@ -124,24 +140,34 @@ class GRPOTrainer:
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
         self.telemetry = Telemetry(cfg.run.name, "driver")
         self.version = 0
-        self.launched: deque[streaming.Launch] = deque()
+        self.launched: deque[StepLaunch] = deque()  # generation for this step and those ahead
+        self.next_launch = 1  # the step the next launch is for
+        self.checkpoints = checkpoints.CheckpointDir(self.storage, keep=cfg.grpo.keep_checkpoints)
 
     # -- the algorithm --------------------------------------------------------------------
     def step(self, step: int) -> dict:
         t0 = time.monotonic()
         self.launch_generation(up_to_ahead=self.cfg.grpo.max_staleness_steps)
         learning = [w.train_step.remote(step) for w in self.actors.learners]
-        rollout_s = self.stream_into_learners(self.launched.popleft())
+        current = self.launched.popleft()
+        if current.step != step:
+            raise RuntimeError(f"step {step} would train on the prompts launched for step {current.step}")
+        rollout_s = self.stream_into_learners(current.launch)
         stats = self.merge(ray.get(learning))
         self.version += 1
         push_s = self.push_weights(self.version)
+        self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices)}) + "\n")
         return self.record(step, stats, rollout_s, push_s, time.monotonic() - t0)
 
     def launch_generation(self, up_to_ahead: int) -> None:
-        """Start generation for this step and up to ``up_to_ahead`` steps beyond it."""
+        """Start generation for this step and up to ``up_to_ahead`` steps beyond it. Prompt
+        p of step s is sampled with seed ``streaming.prompt_seed(run.seed, s, p)``."""
         while len(self.launched) <= up_to_ahead:
-            prompts = self.sampler.next(self.cfg.grpo.prompts_per_step)
-            self.launched.append(streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt))
+            step, prompts = self.next_launch, self.sampler.next(self.cfg.grpo.prompts_per_step)
+            seeds = [streaming.prompt_seed(self.cfg.run.seed, step, p.index) for p in prompts]
+            started = streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt, seeds=seeds)
+            self.launched.append(StepLaunch(step, tuple(p.index for p in prompts), started))
+            self.next_launch += 1
 
     def stream_into_learners(self, launch: streaming.Launch) -> float:
         """Route each finished group through scoring to a learner rank (round robin)."""
@@ -188,41 +214,53 @@ class GRPOTrainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------
-    STATE = "checkpoints/trainer_state.json"
-
     def save_checkpoint(self, step: int) -> str:
-        """Learner states (DeepSpeed: weights, optimizer, scheduler) and the driver's own
-        state (step, policy version, prompt order), enough to continue at ``step + 1``.
-        Every rank writes (and for a URI uploads) its shards before the state is written."""
-        tag = f"step-{step}"
-        writers = [self.storage.writer("checkpoints", rank=i) for i in range(len(self.actors.learners))]
-        ray.get([w.save_checkpoint.remote(where, tag, publish)
-                 for w, (where, publish) in zip(self.actors.learners, writers, strict=True)])
-        state = {"step": step, "version": self.version, "tag": tag, "sampler": self.sampler.state()}
-        self.storage.write_text(self.STATE, json.dumps(state))  # atomic: never a half-written state
-        return self.storage.location("checkpoints", tag)
+        """Everything needed to continue exactly at ``step + 1``: learner states (DeepSpeed:
+        weights, optimizer, scheduler), the policy version, the prompt sampler, and the
+        groups generated for later steps (awaited, then stored: they were sampled by older
+        policies). Written to a temp folder, renamed once complete (``checkpoints``)."""
+        temp = self.checkpoints.begin(step)
+        writers = [self.storage.writer(temp, rank=i) for i in range(len(self.actors.learners))]
+        saving = [w.save_checkpoint.remote(where, LEARNER_TAG, publish)
+                  for w, (where, publish) in zip(self.actors.learners, writers, strict=True)]
+        for ahead in self.launched:
+            streaming.drain(ahead.launch)
+        ahead = [(a.step, a.prompt_indices, ray.get(a.launch.ready)) for a in self.launched]
+        ray.get(saving)
+        self.storage.write_bytes(f"{temp}/{PENDING}", pickle.dumps(ahead))
+        state = {"step": step, "version": self.version, "next_launch": self.next_launch,
+                 "sampler": self.sampler.state(), "ahead_steps": [a[0] for a in ahead]}
+        self.storage.write_text(f"{temp}/{checkpoints.STATE}", json.dumps(state))  # last: marks it complete
+        done = self.checkpoints.commit(step, temp)
+        return self.storage.location(done.path)
 
     def restore(self) -> int:
-        """Load the last checkpoint; returns the step it was taken at."""
+        """Load the newest complete checkpoint; returns the step it was taken at."""
         from orchestrator.stages import StageError
 
-        text = self.storage.read_text(self.STATE)
-        if text is None:
-            raise StageError(f"run.resume is set but {self.storage.location(self.STATE)} does not exist: nothing "
-                             f"to resume (start without run.resume, or pick the run name that was stopped)")
-        state = json.loads(text)
-        readers = [self.storage.reader(f"checkpoints/{state['tag']}", rank=i) for i in range(len(self.actors.learners))]
-        versions = ray.get([w.load_checkpoint.remote(str(Path(where).parent), state["tag"], fetch)
+        found = self.checkpoints.latest()
+        if found is None:
+            raise StageError(f"run.resume is set but {self.storage.location(checkpoints.ROOT)} holds no complete "
+                             f"checkpoint: nothing to resume (start without run.resume, or pick the run name "
+                             f"that was stopped)")
+        state = json.loads(self.storage.read_text(f"{found.path}/{checkpoints.STATE}"))
+        readers = [self.storage.reader(found.path, rank=i) for i in range(len(self.actors.learners))]
+        versions = ray.get([w.load_checkpoint.remote(where, LEARNER_TAG, fetch)
                             for w, (where, fetch) in zip(self.actors.learners, readers, strict=True)])
         self.version = int(state["version"])
         if any(v != self.version for v in versions):
-            raise StageError(f"checkpoint {state['tag']} holds learner versions {versions}, expected {self.version}")
+            raise StageError(f"checkpoint {found.name} holds learner versions {versions}, expected {self.version}")
         try:
             self.sampler.set_state(state["sampler"])
         except (KeyError, ValueError) as err:
-            raise StageError(f"{self.storage.location(self.STATE)}: cannot restore the prompt order ({err}); "
-                             "resume with the config the run was started with") from None
+            raise StageError(f"{self.storage.location(found.path, checkpoints.STATE)}: cannot restore the prompt "
+                             f"order ({err}); resume with the config the run was started with") from None
+        self.next_launch = int(state["next_launch"])
+        for step, indices, groups in pickle.loads(self.storage.read_bytes(f"{found.path}/{PENDING}")):
+            self.launched.append(StepLaunch(step, tuple(indices),
+                                            streaming.Launch([], time.monotonic(), [ray.put(g) for g in groups])))
         self.push_weights(self.version)  # engines start from the restored policy
+        log.info("resumed from %s (step %d)", self.storage.location(found.path), found.step)
         return int(state["step"])
 
     # -- outputs ----------------------------------------------------------------------------
@@ -273,8 +311,10 @@ def _jsonable(x):
 def run(cfg: GRPOStageConfig, progress=None) -> Path:
     """Run the stage; returns the run directory.
 
-    Stops gracefully at a step boundary when asked (``r1lab stop``, or SIGTERM from
-    ``ray job stop``): saves a checkpoint that ``run.resume=true`` continues from.
+    Stops gracefully at a step boundary when asked (``r1lab stop``, SIGTERM from ``ray job
+    stop``, or Ctrl-C; a second Ctrl-C exits at once): saves a checkpoint that
+    ``run.resume=true`` continues from. Checkpoints also every ``grpo.checkpoint_every_steps``
+    steps and ``grpo.checkpoint_every_minutes`` minutes.
     """
     from orchestrator import control
 
@@ -284,36 +324,77 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     trainer = GRPOTrainer(prepared)
     ctl = control.start_control(cfg.run.name)
     term = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: term.set())
+    restore_signals = _stop_on_signals(term)
     metrics = None
     try:
         first = trainer.restore() + 1 if cfg.run.resume else 1
         metrics = MetricsLogger(trainer.storage, config=cfg.model_dump(mode="json"),
                                 mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                                name=cfg.run.name, resume=cfg.run.resume)
-        every = cfg.grpo.checkpoint_every_steps
-        for step in range(first, cfg.grpo.steps + 1):
-            record = trainer.step(step)
-            metrics.log(record)
-            if progress is not None:
-                progress(step, cfg.grpo.steps, progress_line(record))
-            if term.is_set() or ray.get(ctl.should_stop.remote()):
-                saved = trainer.save_checkpoint(step)
-                log.warning("stopped at step %d; checkpoint %s (resume with run.resume=true)", step, saved)
-                ray.get(ctl.mark.remote("stopped", str(saved)))
-                if not term.is_set():
-                    # `r1lab stop` stops the Ray job next, so the job ends as STOPPED
-                    # rather than SUCCEEDED; do not outwait it for long.
-                    term.wait(timeout=120)
-                return trainer.run_dir
-            if every and step % every == 0 and step < cfg.grpo.steps:
-                trainer.save_checkpoint(step)
+                                name=cfg.run.name, resume=cfg.run.resume, resumed_at=first - 1)
+        if cfg.run.resume:
+            keep_through(trainer.storage, PROMPTS, first - 1)
+        else:
+            trainer.storage.write_text(PROMPTS, "")
+        stopped = _train(trainer, cfg, first, metrics, progress,
+                         lambda: term.is_set() or ray.get(ctl.should_stop.remote()))
+        if stopped is not None:
+            saved = trainer.save_checkpoint(stopped)
+            log.warning("stopped at step %d; checkpoint %s (resume with run.resume=true)", stopped, saved)
+            ray.get(ctl.mark.remote("stopped", str(saved)))
+            if not term.is_set():
+                # `r1lab stop` stops the Ray job next, so the job ends as STOPPED
+                # rather than SUCCEEDED; do not outwait it for long.
+                term.wait(timeout=120)
+            return trainer.run_dir
         trainer.save_final()
         ray.get(ctl.mark.remote("finished"))
     finally:
+        restore_signals()
         if metrics is not None:
             metrics.close()
         trainer.shutdown()
         ray.kill(ctl)
     return trainer.run_dir
+
+
+def _train(trainer: GRPOTrainer, cfg: GRPOStageConfig, first: int, metrics: MetricsLogger, progress,
+           stop_asked) -> int | None:
+    """Steps ``first`` .. ``grpo.steps`` with the periodic checkpoints; the step it was asked
+    to stop after, or None when it ran them all."""
+    every, minutes = cfg.grpo.checkpoint_every_steps, cfg.grpo.checkpoint_every_minutes
+    last_saved = time.monotonic()
+    for step in range(first, cfg.grpo.steps + 1):
+        record = trainer.step(step)
+        metrics.log(record)
+        if progress is not None:
+            progress(step, cfg.grpo.steps, progress_line(record))
+        if stop_asked():
+            return step
+        due = (every and step % every == 0) or (minutes and time.monotonic() - last_saved >= minutes * 60)
+        if due and step < cfg.grpo.steps:
+            trainer.save_checkpoint(step)
+            last_saved = time.monotonic()
+    return None
+
+
+def _stop_on_signals(term: threading.Event):
+    """SIGTERM and Ctrl-C set ``term`` (stop at the next step boundary, with a checkpoint);
+    a second Ctrl-C raises ``KeyboardInterrupt`` at once. Returns what undoes this."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(*_) -> None:
+        if term.is_set():
+            raise KeyboardInterrupt
+        term.set()
+        log.warning("stopping after this step with a checkpoint (Ctrl-C again to exit at once, losing the step)")
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    signal.signal(signal.SIGINT, interrupt)
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -142,7 +142,7 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
     actors = cluster.start(parts, roles=("rollout", "reward"))
     try:
         groups = streaming.collect(actors.rollouts, streaming.Scoring(actors.rewards), items, s.samples_per_prompt,
-                                   on_group=tick, temperature=s.temperature, top_p=s.top_p, max_new_tokens=max_new)
+                                   on_group=tick, seed=(cfg.rollout.seed, 0), temperature=s.temperature, top_p=s.top_p, max_new_tokens=max_new)
     finally:
         actors.shutdown()
 

@@ -112,7 +112,8 @@ def test_start_status_logs_metrics_stop_resume(ray_two_nodes, env, tiny_model, t
                      table), table
     assert "r1lab-stop-" not in _cli("status", env=env).stdout
 
-    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
+    latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+    state = json.loads((run_dir / "checkpoints" / latest["dir"] / "trainer_state.json").read_text())
     stopped_at = state["step"]
     assert stopped_at < STEPS, f"the run finished ({stopped_at} steps) before the stop reached it"
     assert (run_dir / "checkpoints" / f"step-{stopped_at}").is_dir()

@@ -35,7 +35,7 @@ def _assert_complete_run(run_dir: Path, *, checkpoint: str | None) -> None:
     assert steps == list(range(1, STEPS + 1)), f"metrics.jsonl holds steps {steps}"
     if checkpoint is not None:
         tag = run_dir / "checkpoints" / checkpoint
-        assert (run_dir / "checkpoints" / "trainer_state.json").is_file()
+        assert (tag / "trainer_state.json").is_file()
         assert any(tag.rglob("*model_states.pt")) and any(tag.rglob("*optim_states.pt")), (
             f"{tag} lacks DeepSpeed shards: {sorted(p.name for p in tag.rglob('*'))}")
     final = run_dir / "final"
