@@ -13,6 +13,10 @@ from learner.batch import Completion, Group
 from learner.weight_sync import WeightSpec
 
 
+class EngineBehind(RuntimeError):
+    """The engine holds another policy version than the caller expects."""
+
+
 @dataclass(frozen=True)
 class PromptItem:
     """A prompt as the rollout engine sees it: token ids plus what grading needs."""
@@ -97,12 +101,18 @@ class RolloutActor:
     def stream_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
                       seeds: Sequence[int] | None = None, temperature: float | None = None,
                       top_p: float | None = None, max_new_tokens: int | None = None,
-                      ignore_eos: bool = False) -> Iterator[Group]:
-        """Sample ``samples_per_prompt`` completions per prompt; yield each prompt's group
-        as soon as all its completions are done (a Ray streaming generator).
+                      ignore_eos: bool = False, expect_version: int | None = None) -> Iterator[Group]:
+        """Sample ``samples_per_prompt`` completions per prompt; as soon as all the
+        completions of prompt k are done, yield k, then its group (a Ray streaming
+        generator: the caller learns which prompt finished without fetching its group).
         ``seeds``: one per prompt; completion k of a prompt is sampled with its seed + k
         (``vllm_adapter.child_seed``), so it does not depend on what else the engine runs.
-        None: the engine's own random stream."""
+        None: the engine's own random stream. ``expect_version``: the policy version the
+        caller believes this engine holds; an engine that holds another (restarted since,
+        with the initial weights) raises ``EngineBehind`` instead of sampling."""
+        if expect_version is not None and expect_version != self.policy_version:
+            raise EngineBehind(f"rollout {self.engine_index} holds policy version {self.policy_version}, "
+                               f"expected {expect_version} (restarted since its last weight push?)")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         by_id = {}
@@ -113,25 +123,29 @@ class RolloutActor:
                                   ignore_eos=ignore_eos)
             self._request_seq += 1
             rid = f"{self.engine_index}-{self._request_seq}"
-            by_id[rid] = p
+            by_id[rid] = (k, p)
             requests.append((rid, p.prompt_ids, params))
         version = self.policy_version
         start, tokens, groups = time.monotonic(), 0, 0
         for out in vllm_adapter.stream_generate(self.llm, requests):
-            item = by_id[out.request_id]
+            k, item = by_id[out.request_id]
             completions = tuple(_completion(c) for c in out.outputs)
             tokens += sum(len(c.token_ids) for c in completions)
             groups += 1
             seconds = time.monotonic() - start
             self.telemetry.inc("rollout_groups_total")
             self.telemetry.set("rollout_tokens_per_second", tokens / seconds if seconds > 0 else 0.0)
+            yield k
             yield Group(item.index, item.prompt_ids, item.reference, completions, version,
                         kind=item.kind, question=item.question)
 
     def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,
                         **sampling) -> list[Group]:
-        """All groups at once (tests and benchmarks; the stages stream through ``stream_groups``)."""
-        return list(self.stream_groups(prompts, samples_per_prompt, **sampling))
+        """All groups at once, in prompt order (tests and benchmarks; the stages stream
+        through ``stream_groups``)."""
+        items = list(self.stream_groups(prompts, samples_per_prompt, **sampling))
+        by_k = dict(zip(items[::2], items[1::2], strict=True))
+        return [by_k[k] for k in range(len(prompts))]
 
     def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
         """The engine's log-probs of ``response_ids`` after ``prompt_ids`` (temperature 1)."""
@@ -164,6 +178,16 @@ class RolloutActor:
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return int(received[0])
+
+    def load_weights(self, spec: WeightSpec, buffers: list, version: int) -> int:
+        """Load version ``version`` from ``buffers`` (the learner's last push, flat
+        buckets in ``spec`` order): a restarted engine catches up before it samples.
+        Returns bytes loaded per worker."""
+        self._spec = spec
+        loaded = self.llm.collective_rpc("r1lab_load_weights", args=(spec, list(buffers)))
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return int(loaded[0])
 
     def version(self) -> int:
         return self.policy_version

@@ -186,6 +186,27 @@ class WeightSyncExtension:
         return received
 
 
+    def r1lab_load_weights(self, spec: WeightSpec, buffers: list[torch.Tensor]) -> int:
+        """Load a push already received whole (``buffers``: its flat buckets, as the
+        learner last sent them): how a restarted engine catches up without the group."""
+        device = next(self.model_runner.get_model().parameters()).device
+        loaded = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal loaded
+            for idx, flat in zip(spec.buckets(), buffers, strict=True):
+                offset = 0
+                for i in idx:
+                    s = spec.tensors[i]
+                    tensor = flat[offset : offset + s.numel].view(s.shape).to(device)
+                    offset += s.numel
+                    loaded += tensor.numel() * tensor.element_size()
+                    yield s.name, tensor
+
+        self.reload_weights(weights_iterator=weights())
+        return loaded
+
+
 def child_seed(seed: int, index: int) -> int:
     """The seed vLLM samples completion ``index`` of a request seeded ``seed`` with (each
     child request gets its own generator; ``tests/unit/test_resume.py`` checks the rule)."""

@@ -127,6 +127,7 @@ class StepStats:
             "kl": div(self.kl_sum, self.loss_tokens),
             "clip_frac": div(self.clip_count, self.loss_tokens),
             "surrogate_loss": div(self.surrogate_sum, self.loss_tokens),
+            "groups_trained": self.groups,
             "zero_std_group_frac": div(self.zero_std_groups, self.groups),
             "reward_errors": self.reward_errors,
             "reward_timeouts": self.reward_timeouts,
@@ -155,12 +156,14 @@ class GRPOLearner(LearnerRank):
 
     def __init__(self, model_path: str, config: LearnerConfig, *, loss: GRPOLossConfig, rank: int,
                  world_size: int, temperature: float, groups_per_rank: int, samples_per_prompt: int,
-                 max_new_tokens: int, seed: int = 0) -> None:
+                 max_new_tokens: int, seed: int = 0, group_wait_s: float = 3600.0) -> None:
         """A step is ``groups_per_rank`` groups of ``samples_per_prompt`` on each of
         ``world_size`` ranks, in micro-batches of ``config.micro_batch_groups`` groups,
         under the loss conventions of ``loss`` (the stage's ``loss`` section).
         ``temperature``: the sampling temperature (log-probs are taken at it).
-        ``max_new_tokens``: the generation budget, Dr. GRPO's loss normaliser."""
+        ``max_new_tokens``: the generation budget, Dr. GRPO's loss normaliser.
+        ``group_wait_s``: how long ``train_step`` waits for its next group before it
+        fails, naming the group (the driver's own deadlines are shorter)."""
         super().__init__(model_path, config, rank=rank, world_size=world_size, seed=seed)
         if groups_per_rank % config.micro_batch_groups:
             raise ValueError(f"groups_per_rank ({groups_per_rank}) must be a multiple of "
@@ -172,6 +175,7 @@ class GRPOLearner(LearnerRank):
         self.groups_per_rank = groups_per_rank
         self.samples_per_prompt = samples_per_prompt
         self.max_new_tokens = max_new_tokens
+        self.group_wait_s = group_wait_s
         self._inbox: dict[int, object] = {}  # feed number -> ScoredGroup or its ObjectRef
         self._arrived = threading.Condition()
         self._numbered = 0  # the number the next unnumbered feed gets
@@ -198,12 +202,20 @@ class GRPOLearner(LearnerRank):
             self._arrived.notify_all()
             return len(self._inbox)
 
+    def put(self, number: int, group: ScoredGroup) -> int:
+        """Queue one group as number ``number``. The driver passes an ObjectRef, which Ray
+        resolves before the call: a group whose generation or scoring failed never
+        reaches the rank, and the driver re-issues it under the same number."""
+        return self.feed([group], number)
+
     def _next_group(self) -> tuple[ScoredGroup, float]:
         import ray
 
         start = time.monotonic()
         with self._arrived:
-            self._arrived.wait_for(lambda: self._taken in self._inbox)
+            if not self._arrived.wait_for(lambda: self._taken in self._inbox, timeout=self.group_wait_s):
+                raise TimeoutError(f"learner rank {self.rank}: group {self._taken} did not arrive within "
+                                   f"{self.group_wait_s:g} s (the driver feeds it; is the driver alive?)")
             item = self._inbox.pop(self._taken)
             self._taken += 1
         group = ray.get(item) if isinstance(item, ray.ObjectRef) else item
@@ -294,6 +306,13 @@ class GRPOLearner(LearnerRank):
                 self._push_buffers = spec.allocate(named[0][1].device)
             send_weights(self._weight_group, spec, [t for _, t in named], self._push_buffers)
         return time.monotonic() - start
+
+    def last_pushed(self) -> list[torch.Tensor]:
+        """Rank 0: the flat buckets of the last push (a restarted engine loads them with
+        ``RolloutActor.load_weights``); no collective, so safe while a step trains."""
+        if self.rank != 0 or self._push_buffers is None:
+            raise RuntimeError("last_pushed: only learner rank 0 keeps the last push, after its first push")
+        return [b.detach().to("cpu", copy=True) for b in self._push_buffers]
 
     # -- inspection -------------------------------------------------------------------------
     def sequence_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:

@@ -60,6 +60,7 @@ class GRPOLearners:
     groups_per_rank: int
     samples_per_prompt: int
     max_new_tokens: int  # the generation budget: Dr. GRPO's loss normaliser
+    group_wait_s: float = 3600.0  # train_step's deadline for its next group
     max_concurrency: int = 4  # feed() must run while train_step() waits for groups
 
     def actor_class(self) -> type:
@@ -69,7 +70,8 @@ class GRPOLearners:
 
     def kwargs(self) -> dict:
         return {"loss": self.loss, "temperature": self.temperature, "groups_per_rank": self.groups_per_rank,
-                "samples_per_prompt": self.samples_per_prompt, "max_new_tokens": self.max_new_tokens}
+                "samples_per_prompt": self.samples_per_prompt, "max_new_tokens": self.max_new_tokens,
+                "group_wait_s": self.group_wait_s}
 
 
 @dataclass(frozen=True)
@@ -106,15 +108,19 @@ class StageParts:
     learners: GRPOLearners | SFTLearners | None = None
     reward_sets: Mapping[str, RewardsConfig] = field(default_factory=dict)
     reward_models: tuple[RewardModelSpec, ...] = ()
+    max_restarts: int = 0  # Ray restarts of each actor but the learner ranks
 
     @classmethod
-    def for_grpo(cls, cfg) -> StageParts:
-        """From a ``GRPOStageConfig``."""
+    def for_grpo(cls, cfg, *, group_wait_s: float = 3600.0) -> StageParts:
+        """From a ``GRPOStageConfig``: rollout, reward, reference and reward-model actors
+        are restarted by Ray up to ``run.max_restarts`` times (``orchestrator.supervise``
+        redoes their lost work); learner ranks are not (the group restarts as a whole)."""
         learners = GRPOLearners(cfg.learner, cfg.loss, cfg.rollout.temperature, cfg.groups_per_rank,
-                                cfg.grpo.samples_per_prompt, cfg.rollout.max_new_tokens)
+                                cfg.grpo.samples_per_prompt, cfg.rollout.max_new_tokens, group_wait_s=group_wait_s)
         return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
-                   learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models)
+                   learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models,
+                   max_restarts=cfg.run.max_restarts)
 
     def plan(self, roles: Sequence[str]) -> placement.PlacementPlan:
         tp = self.rollout.tensor_parallel_size if self.rollout is not None else 1
@@ -185,6 +191,8 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
     from actors.reward_model import RewardModelActor
     from actors.rollout import RolloutActor
 
+    if a.role != "learner" and parts.max_restarts:
+        opts = {**opts, "max_restarts": parts.max_restarts}
     if a.role == "learner":
         spec = parts.learners
         if spec.max_concurrency is not None:

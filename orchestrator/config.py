@@ -36,6 +36,13 @@ class RunConfig(_Frozen):
                          "or a URI")
     seed: int = 0
     resume: bool = Field(default=False, description="continue from the run's last checkpoint")
+    max_restarts: int = Field(default=3, ge=0, description="how often a lost rollout, reward, reference or "
+                              "reward-model actor is restarted (each), and how often the learner group restarts "
+                              "from the latest checkpoint, before the run gives up")
+    hang_grace_s: float = Field(default=300.0, gt=0, description="added to every deadline on a remote result; "
+                                "an actor past its deadline is named, its stack dumped, and it is restarted")
+    min_tokens_per_s: float = Field(default=50.0, gt=0, description="the slowest generation or learner speed "
+                                    "(tokens/s per actor) that is not a hang: sizes the deadlines")
 
     @property
     def location(self) -> str:

@@ -1,26 +1,26 @@
-"""The one routing loop: prompts to engines, each finished group through scoring, then on.
+"""Prompts to engines, and each finished group through scoring.
 
-    launch = prompts dealt round-robin over the rollout engines; each engine streams back
-             its groups as they finish (a Ray streaming generator)
-    route  = as each group finishes (``ray.wait`` over the streams): a reward actor (round
-             robin) → the reward-model actor (if any) → the reference actor (if any) →
-             ``deliver(i, scored_ref)``
+    launch = prompts dealt round-robin over the rollout engines (prompt k to engine k mod
+             R), each with its own seed; each engine streams back its groups as they finish
+             (a Ray streaming generator)
+    score  = a reward actor (group number mod W) → the reward-model actor (if any) → the
+             reference actor (if any)
 
-The grpo stage delivers to learner ranks; eval and sample collect (``collect``). Only
+``orchestrator.supervise.Flight`` drives both, redoing what a lost actor dropped. Only
 ObjectRefs pass through the driver: each actor resolves the previous one's output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ray
 
 from actors.rollout import PromptItem
-from learner.batch import ScoredGroup
 
 
 SEED_BITS = 62  # room for vLLM's seed + sample index within a signed 64-bit seed
@@ -35,46 +35,69 @@ def prompt_seed(run_seed: int, step: int, prompt_index: int) -> int:
 
 
 @dataclass
-class Launch:
-    """One batch of prompts in generation: the engines' streams and when they started.
-    ``ready``: groups generated before (restored from a checkpoint, or drained for one),
-    routed first, in order."""
+class Stream:
+    """One engine's share of a launch: ``positions`` (into the launch's prompts) in the
+    order it was given them, the ones it has not yielded yet, and its Ray stream, which
+    yields k then the group of its k-th prompt, for each prompt as it finishes."""
 
-    streams: list
+    engine: int
+    positions: list[int]
+    gen: object
+    left: set[int]
     started: float
-    ready: list = field(default_factory=list)
+    deadline: float = math.inf  # set by whoever watches it (``supervise.Flight``)
+
+
+@dataclass
+class Launch:
+    """One batch of prompts in generation. ``ready``: groups generated before (restored
+    from a checkpoint, or drained for one), by position."""
+
+    prompts: list[PromptItem]
+    seeds: list[int | None]
+    samples_per_prompt: int
+    sampling: dict
+    streams: list[Stream]
+    started: float
+    ready: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    version: int | None = None  # the policy version the engines hold (None: not checked)
 
 
 def launch(engines: Sequence, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
-           seeds: Sequence[int] | None = None, **sampling) -> Launch:
+           seeds: Sequence[int] | None = None, version: int | None = None, **sampling) -> Launch:
     """Start sampling ``samples_per_prompt`` completions per prompt, prompt k with ``seeds[k]``
-    (None: the engines' own random streams); ``sampling`` (temperature, top_p,
-    max_new_tokens) overrides the engines' configured values."""
+    (None: the engines' own random streams), prompt k on engine k mod len(engines);
+    ``sampling`` (temperature, top_p, max_new_tokens) overrides the engines' configured
+    values. ``version``: the policy version the engines must hold (an engine restarted
+    since then refuses, and is caught up first: ``supervise.Flight``)."""
+    started = Launch(list(prompts), list(seeds) if seeds is not None else [None] * len(prompts),
+                     samples_per_prompt, sampling, [], time.monotonic(), version=version)
     n = len(engines)
-    chunks = [prompts[i::n] for i in range(n)]
-    seed_chunks = [None if seeds is None else list(seeds[i::n]) for i in range(n)]
-    streams = [e.stream_groups.options(num_returns="streaming").remote(c, samples_per_prompt, seeds=s, **sampling)
-               for e, c, s in zip(engines, chunks, seed_chunks, strict=True) if c]
-    return Launch(streams, time.monotonic())
+    for e, engine in enumerate(engines):
+        positions = list(range(e, len(prompts), n))
+        if positions:
+            start_stream(started, engine, e, positions)
+    return started
 
 
-def drain(started: Launch) -> None:
-    """Wait for every group of ``started`` and move it to ``started.ready``, in the order
-    ``route`` would have taken them (for a checkpoint: these groups are stored)."""
-    pending = list(started.streams)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        try:
-            started.ready.append(next(ready[0]))
-        except StopIteration:
-            continue
-        pending.append(ready[0])
-    started.streams = []
+def start_stream(started: Launch, engine, index: int, positions: Sequence[int],
+                 version: int | None = None) -> Stream:
+    """Sample the prompts at ``positions`` of ``started`` on ``engine`` (number ``index``),
+    with their own seeds, on an engine holding ``version`` (default: the launch's); the
+    stream joins ``started.streams``."""
+    prompts = [started.prompts[p] for p in positions]
+    seeds = [started.seeds[p] for p in positions]
+    gen = engine.stream_groups.options(num_returns="streaming").remote(
+        prompts, started.samples_per_prompt, seeds=None if seeds[0] is None else seeds,
+        expect_version=started.version if version is None else version, **started.sampling)
+    stream = Stream(index, list(positions), gen, set(positions), time.monotonic())
+    started.streams.append(stream)
+    return stream
 
 
 class Scoring:
-    """Where a finished group is scored, in order: a reward actor (round robin over
-    ``rewards``), then the reward-model actor and the reference actor where given."""
+    """Where a finished group is scored, in order: a reward actor (``number`` mod the
+    reward actors), then the reward-model actor and the reference actor where given."""
 
     def __init__(self, rewards: Sequence, reward_model=None, reference=None) -> None:
         if not rewards:
@@ -82,53 +105,13 @@ class Scoring:
         self.rewards = list(rewards)
         self.reward_model = reward_model
         self.reference = reference
-        self.routed = 0  # groups scored so far, across launches
 
-    def score(self, group_ref) -> ray.ObjectRef:
-        scored = self.rewards[self.routed % len(self.rewards)].score.remote(group_ref)
-        if self.reward_model is not None:
-            scored = self.reward_model.score.remote(scored)
-        if self.reference is not None:
-            scored = self.reference.add_ref_logprobs.remote(scored)
-        self.routed += 1
-        return scored
-
-
-def route(started: Launch, scoring: Scoring, deliver: Callable[[int, ray.ObjectRef], None]) -> None:
-    """Score each group of ``started`` as it finishes and ``deliver(i, scored_ref)`` it,
-    ``i`` counting the groups ``scoring`` has routed (across launches). Returns when every
-    stream is exhausted."""
-    for group_ref in started.ready:
-        deliver(scoring.routed, scoring.score(group_ref))
-    pending = list(started.streams)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        stream = ready[0]
-        try:
-            group_ref = next(stream)
-        except StopIteration:
-            continue
-        pending.append(stream)
-        i = scoring.routed
-        deliver(i, scoring.score(group_ref))
-
-
-def collect(engines: Sequence, scoring: Scoring, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
-            on_group: Callable[[], None] | None = None, seed: tuple[int, int] | None = None,
-            **sampling) -> list[ScoredGroup]:
-    """``samples_per_prompt`` completions per prompt, each group scored as it finishes;
-    returned in prompt order. ``on_group()`` is called as each group is routed.
-    ``seed``: (run seed, slot): prompt p is sampled with ``prompt_seed(*seed, p.index)``."""
-    seeds = None if seed is None else [prompt_seed(*seed, p.index) for p in prompts]
-    refs: list[ray.ObjectRef] = []
-
-    def keep(_: int, scored: ray.ObjectRef) -> None:
-        refs.append(scored)
-        if on_group is not None:
-            on_group()
-
-    route(launch(engines, prompts, samples_per_prompt, seeds=seeds, **sampling), scoring, keep)
-    scored = ray.get(refs)
-    if len(scored) != len(prompts):
-        raise RuntimeError(f"{len(scored)} groups came back for {len(prompts)} prompts")
-    return sorted(scored, key=lambda s: s.group.prompt_index)
+    def score(self, number: int, group_ref) -> list[tuple[object, ray.ObjectRef]]:
+        """Submit the scoring of group ``number``: (actor, result) per call, in order; the
+        last result is the scored group."""
+        reward = self.rewards[number % len(self.rewards)]
+        calls = [(reward, reward.score.remote(group_ref))]
+        for actor, method in ((self.reward_model, "score"), (self.reference, "add_ref_logprobs")):
+            if actor is not None:
+                calls.append((actor, getattr(actor, method).remote(calls[-1][1])))
+        return calls

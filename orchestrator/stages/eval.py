@@ -11,7 +11,7 @@ Per benchmark, as the driver sees it:
 The estimators are in ``evaluation/estimators.py``. ``evaluate_checkpoint`` is the
 same work as a function for other callers (``r1lab demo``): it starts its own rollout
 and reward actors on the connected cluster (``orchestrator.cluster.start``), evaluates
-(``orchestrator.streaming.collect``), and kills them, so one driver can evaluate several
+(``orchestrator.supervise.collect``), and kills them, so one driver can evaluate several
 checkpoints without restarting Ray.
 
 What votes in cons@k is each reward's own (``rewards.registry``: the final answer for
@@ -36,7 +36,7 @@ from actors.config import RolloutConfig
 from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
 from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
-from orchestrator import inputs, storage, streaming
+from orchestrator import inputs, storage, supervise
 from orchestrator.config import (
     ClusterConfig,
     FrozenModel,
@@ -269,11 +269,13 @@ def evaluate_checkpoint(model_path: str, settings: EvalConfig, benchmarks: Seque
                 if progress is not None:
                     progress(done, total, f"{name}: sampling")
 
-            groups = streaming.collect(actors.rollouts, streaming.Scoring(actors.reward_sets[b.reward]),
-                                       prompts[b.name], settings.samples_per_prompt, on_group=tick,
-                                       seed=(rollout.seed, slot),
-                                       temperature=settings.temperature, top_p=settings.top_p,
-                                       max_new_tokens=max_new)
+            keeper = supervise.sampling_keeper(actors, prompts=len(prompts[b.name]),
+                                               samples=settings.samples_per_prompt, max_new_tokens=max_new,
+                                               max_model_len=rollout.max_model_len, rewards=reward_sets[b.reward])
+            groups = supervise.collect(actors, keeper, prompts[b.name], settings.samples_per_prompt,
+                                       rewards=actors.reward_sets[b.reward], on_group=tick,
+                                       seed=(rollout.seed, slot), temperature=settings.temperature,
+                                       top_p=settings.top_p, max_new_tokens=max_new)
             result = score_benchmark(b, groups, settings, reward_sets[b.reward])
             log.info("%s: pass@1 %.3f cons@%d %.3f", b.name, result.pass_at_1, result.k, result.cons_at_k)
             if progress is not None:

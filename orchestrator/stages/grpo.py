@@ -21,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.grpo_role import StepStats
-from orchestrator import checkpoints, cluster, inputs, placement, storage, streaming
+from orchestrator import checkpoints, cluster, inputs, placement, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
 from orchestrator.metrics import MetricsLogger, keep_through
 from tasks.data_files import TaskRow, load_rows
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PROMPTS = "prompts.jsonl"  # per step: the indices of the prompts it trained on
 LEARNER_TAG = "learner"  # the DeepSpeed tag inside a checkpoint folder
 PENDING = "ahead.pkl"  # in a checkpoint: the groups generated for later steps
+FAULTS = "faults.jsonl"  # one row per actor lost, hung or restarted
+ROLES = ("learner", "rollout", "reward", "reference", "reward_model")
 
 
 class PromptSampler:
@@ -110,7 +112,10 @@ def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[Prom
 
 
 class GRPOTrainer:
-    def __init__(self, prepared: storage.Prepared) -> None:
+    """One attempt at the stage: the actors, and the driver's state between steps.
+    ``restarts``: restarts per role so far in this run (shared across attempts)."""
+
+    def __init__(self, prepared: storage.Prepared, restarts: Counter | None = None) -> None:
         from transformers import AutoTokenizer
 
         from orchestrator.stages import StageError
@@ -127,35 +132,50 @@ class GRPOTrainer:
         except ValueError as err:
             raise StageError(str(err)) from None
         check_kinds(rows, cfg.rewards)
+        self.items = tokenize_prompts(rows, self.tokenizer, cfg.data.template)
         try:
-            self.sampler = PromptSampler(tokenize_prompts(rows, self.tokenizer, cfg.data.template), seed=cfg.run.seed,
-                                         shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
+            self.sampler = PromptSampler(self.items, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                                         kind_weights=cfg.data.kind_weights)
         except ValueError as err:
             raise StageError(f"{cfg.data.train_path}: {err}") from None
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
         prepared.check_cluster()
-        self.actors = cluster.start(cluster.StageParts.for_grpo(cfg), placement.grpo_roles(cfg))
-        backend = ray.get(self.actors.learners[0].collective_backend.remote())
-        cluster.init_weight_push(self.actors, backend, cfg.rollout.tensor_parallel_size)
+        self.deadlines = supervise.Deadlines.for_grpo(cfg)
+        parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * (self.deadlines.generation_s
+                                                                    + self.deadlines.scoring_s
+                                                                    + self.deadlines.restart_s))
+        self.actors = cluster.start(parts, placement.grpo_roles(cfg))
+        self.backend = ray.get(self.actors.learners[0].collective_backend.remote())
+        cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
+        self.roster = supervise.Roster(self.actors)
+        self.keeper = supervise.Keeper(self.roster, self.deadlines, cfg.run.max_restarts, on_event=self.log_fault,
+                                       restarts=restarts if restarts is not None else Counter())
         self.telemetry = Telemetry(cfg.run.name, "driver")
         self.version = 0
         self.launched: deque[StepLaunch] = deque()  # generation for this step and those ahead
         self.next_launch = 1  # the step the next launch is for
+        self.fed = 0  # groups delivered to the learner ranks by this attempt
+        self.grouped_at = [0] * len(self.actors.rollouts)  # each engine's restarts when the push group formed
         self.checkpoints = checkpoints.CheckpointDir(self.storage, keep=cfg.grpo.keep_checkpoints)
+
+    def log_fault(self, row: dict) -> None:
+        self.storage.append(FAULTS, json.dumps(row) + "\n")
 
     # -- the algorithm --------------------------------------------------------------------
     def step(self, step: int) -> dict:
         t0 = time.monotonic()
+        self.keeper.step = step
         self.launch_generation(up_to_ahead=self.cfg.grpo.max_staleness_steps)
         learning = [w.train_step.remote(step) for w in self.actors.learners]
         current = self.launched.popleft()
         if current.step != step:
             raise RuntimeError(f"step {step} would train on the prompts launched for step {current.step}")
         rollout_s = self.stream_into_learners(current.launch)
-        stats = self.merge(ray.get(learning))
+        stats = self.merge(self.await_learners(learning, "train_step"))
         self.version += 1
         push_s = self.push_weights(self.version)
+        self.keeper.sweep()
         self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices)}) + "\n")
         return self.record(step, stats, rollout_s, push_s, time.monotonic() - t0)
 
@@ -164,30 +184,75 @@ class GRPOTrainer:
         p of step s is sampled with seed ``streaming.prompt_seed(run.seed, s, p)``."""
         while len(self.launched) <= up_to_ahead:
             step, prompts = self.next_launch, self.sampler.next(self.cfg.grpo.prompts_per_step)
-            seeds = [streaming.prompt_seed(self.cfg.run.seed, step, p.index) for p in prompts]
-            started = streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt, seeds=seeds)
+            started = streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt,
+                                       seeds=self.seeds(step, prompts), version=self.version)
             self.launched.append(StepLaunch(step, tuple(p.index for p in prompts), started))
             self.next_launch += 1
 
+    def seeds(self, step: int, prompts: list[PromptItem]) -> list[int]:
+        return [streaming.prompt_seed(self.cfg.run.seed, step, p.index) for p in prompts]
+
     def stream_into_learners(self, launch: streaming.Launch) -> float:
-        """Route each finished group through scoring to a learner rank (round robin)."""
-        learners = self.actors.learners
-        depth = {}  # learner rank -> ObjectRef of its inbox size after the last feed
+        """Score each group as it finishes and queue it at a learner rank: the group at
+        position k of the launch is number ``fed + k``, for rank (number mod L) as its
+        (number div L)-th group, whatever order the groups finish or fail in."""
+        learners, base = self.actors.learners, self.fed
 
-        def feed(i: int, scored: ray.ObjectRef) -> None:
-            # Numbered per rank in routing order: the rank trains on them in that order.
-            depth[i % len(learners)] = learners[i % len(learners)].feed.remote([scored], i // len(learners))
+        def chain(position: int, group_ref: ray.ObjectRef) -> list[supervise.Hop]:
+            number = base + position
+            hops = [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(number, group_ref)]
+            rank = learners[number % len(learners)]
+            return hops + [supervise.Hop(self.roster.of(rank), rank.put.remote(number // len(learners), hops[-1].ref))]
 
-        streaming.route(launch, self.scoring, feed)
+        done = supervise.Flight(launch, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
+        self.fed += len(launch.prompts)
         # Groups queued at the learners when generation finished (not yet trained on).
-        self.telemetry.set("buffer_groups", sum(ray.get(list(depth.values()))))
+        self.telemetry.set("buffer_groups", max(ray.get(list(done.values())), default=0))
         return time.monotonic() - launch.started
+
+    def catch_up(self, engine: int) -> int:
+        """Before engine ``engine`` samples again after a failure: if it holds another
+        policy version (restarted: the initial weights), load the current one from learner
+        rank 0's last push. Returns the version it holds."""
+        handle = self.actors.rollouts[engine]
+        held = ray.get(handle.version.remote(), timeout=self.deadlines.restart_s)
+        if held != self.version:
+            spec = ray.get(self.actors.learners[0].weight_spec.remote(), timeout=self.deadlines.learner_s)
+            buffers = self.actors.learners[0].last_pushed.remote()
+            ray.get(handle.load_weights.remote(spec, buffers, self.version), timeout=self.deadlines.learner_s)
+            log.info("rollout %d caught up from policy version %d to %d", engine, held, self.version)
+        return self.version
+
+    def await_learners(self, refs: list, what: str, actors: list | None = None) -> list:
+        """The results of ``what`` (``refs``, one per actor of ``actors``, default the
+        learner ranks) within ``Deadlines.learner_s`` after their last group; an actor that
+        died or is late ends the attempt (``LearnerLost``: the learner group restarts from
+        its checkpoint)."""
+        actors = self.actors.learners if actors is None else actors
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.deadlines.learner_s)
+        if late:
+            self.keeper.late(self.roster.of(actors[refs.index(late[0])]), what, self.deadlines.learner_s)
+            raise supervise.LearnerLost(f"{what} was not done within {self.deadlines.learner_s:.0f} s")
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+            member = self.roster.who(err)
+            who = f"{member.label} ({supervise.whereabouts(member.actor_id)})" if member else "an actor"
+            raise supervise.LearnerLost(f"{who} was lost during {what}: {supervise.first_line(err)}") from None
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, TimeoutError):
+                raise supervise.LearnerLost(supervise.first_line(err.cause)) from None
+            raise
 
     def push_weights(self, version: int) -> float:
         t0 = time.monotonic()
+        restarts = [supervise.whereabouts(self.roster.of(e).actor_id).restarts for e in self.actors.rollouts]
+        if restarts != self.grouped_at:  # an engine restarted since the group formed: it is not in it
+            cluster.init_weight_push(self.actors, self.backend, self.cfg.rollout.tensor_parallel_size)
+            self.grouped_at = restarts
         refs = [w.push_weights.remote(version) for w in self.actors.learners]
         refs += [e.receive_weights.remote(version) for e in self.actors.rollouts]
-        ray.get(refs)
+        self.await_learners(refs, f"the weight push of version {version}", self.actors.learners + self.actors.rollouts)
         return time.monotonic() - t0
 
     @staticmethod
@@ -208,6 +273,7 @@ class GRPOTrainer:
             "step": step,
             "policy_version": self.version,
             **m,
+            **{f"restarts/{role}": self.keeper.restarts[role] for role in ROLES},
             "rollout_tokens_per_s": stats.response_tokens / rollout_s if rollout_s > 0 else float("nan"),
             "weight_push_s": push_s,
             "step_s": step_s,
@@ -223,10 +289,12 @@ class GRPOTrainer:
         writers = [self.storage.writer(temp, rank=i) for i in range(len(self.actors.learners))]
         saving = [w.save_checkpoint.remote(where, LEARNER_TAG, publish)
                   for w, (where, publish) in zip(self.actors.learners, writers, strict=True)]
-        for ahead in self.launched:
-            streaming.drain(ahead.launch)
-        ahead = [(a.step, a.prompt_indices, ray.get(a.launch.ready)) for a in self.launched]
-        ray.get(saving)
+        ahead = []
+        for a in self.launched:  # generated by older policies: kept as they are
+            done = supervise.Flight(a.launch, self.actors.rollouts, self.keeper, catch_up=self.catch_up).run()
+            a.launch.ready = done
+            ahead.append((a.step, a.prompt_indices, dict(zip(done, ray.get(list(done.values())), strict=True))))
+        self.await_learners(saving, f"saving checkpoint step-{step}")
         self.storage.write_bytes(f"{temp}/{PENDING}", pickle.dumps(ahead))
         state = {"step": step, "version": self.version, "next_launch": self.next_launch,
                  "sampler": self.sampler.state(), "ahead_steps": [a[0] for a in ahead]}
@@ -257,8 +325,10 @@ class GRPOTrainer:
                              f"order ({err}); resume with the config the run was started with") from None
         self.next_launch = int(state["next_launch"])
         for step, indices, groups in pickle.loads(self.storage.read_bytes(f"{found.path}/{PENDING}")):
-            self.launched.append(StepLaunch(step, tuple(indices),
-                                            streaming.Launch([], time.monotonic(), [ray.put(g) for g in groups])))
+            prompts = [self.items[i] for i in indices]
+            launch = streaming.Launch(prompts, self.seeds(step, prompts), self.cfg.grpo.samples_per_prompt, {}, [],
+                                      time.monotonic(), {k: ray.put(g) for k, g in groups.items()})
+            self.launched.append(StepLaunch(step, tuple(indices), launch))
         self.push_weights(self.version)  # engines start from the restored policy
         log.info("resumed from %s (step %d)", self.storage.location(found.path), found.step)
         return int(state["step"])
@@ -314,24 +384,62 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     Stops gracefully at a step boundary when asked (``r1lab stop``, SIGTERM from ``ray job
     stop``, or Ctrl-C; a second Ctrl-C exits at once): saves a checkpoint that
     ``run.resume=true`` continues from. Checkpoints also every ``grpo.checkpoint_every_steps``
-    steps and ``grpo.checkpoint_every_minutes`` minutes.
+    steps and ``grpo.checkpoint_every_minutes`` minutes. A lost or hung learner rank (or a
+    weight push that fails) restarts every actor from the latest checkpoint, up to
+    ``run.max_restarts`` times; other actors are restarted in place (``supervise``).
     """
     from orchestrator import control
+    from orchestrator.stages import StageError
 
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg = prepared.local
     check_inputs(cfg)
-    trainer = GRPOTrainer(prepared)
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     ctl = control.start_control(cfg.run.name)
     term = threading.Event()
     restore_signals = _stop_on_signals(term)
+    restarts: Counter = Counter()
+    resume = cfg.run.resume
+    try:
+        for attempt in range(cfg.run.max_restarts + 1):
+            trainer = GRPOTrainer(prepared, restarts)
+            try:
+                return _attempt(trainer, cfg, resume, ctl, term, progress)
+            except supervise.LearnerLost as err:
+                latest = trainer.checkpoints.latest()
+                where = trainer.storage.location(latest.path) if latest is not None else None
+                if attempt == cfg.run.max_restarts:
+                    raise StageError(f"gave up after {attempt} restarts of the learner group (run.max_restarts="
+                                     f"{cfg.run.max_restarts}): {err}. "
+                                     + (f"Resume from {where} with run.resume=true." if where else
+                                        "No checkpoint was saved; start the run again.")) from None
+                restarts["learner"] += 1
+                trainer.log_fault({"time": time.time(), "step": trainer.keeper.step, "role": "learner",
+                                   "cause": str(err), "resume_from": where})
+                log.error("%s; restarting every actor from %s (restart %d of %d)", err,
+                          where or "the start (no checkpoint yet)", attempt + 1, cfg.run.max_restarts)
+                resume = latest is not None
+            finally:
+                trainer.shutdown()
+    except supervise.ActorGone as err:
+        raise StageError(f"{err}. Resume from the latest checkpoint with run.resume=true.") from None
+    finally:
+        restore_signals()
+        ray.kill(ctl)
+    raise AssertionError("unreachable")
+
+
+def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term: threading.Event,
+             progress) -> Path:
+    """Train with ``trainer`` from its checkpoint (``resume``) or from step 1, to the end or
+    to a stop; returns the run directory."""
     metrics = None
     try:
-        first = trainer.restore() + 1 if cfg.run.resume else 1
+        first = trainer.restore() + 1 if resume else 1
         metrics = MetricsLogger(trainer.storage, config=cfg.model_dump(mode="json"),
                                 mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                                name=cfg.run.name, resume=cfg.run.resume, resumed_at=first - 1)
-        if cfg.run.resume:
+                                name=cfg.run.name, resume=resume, resumed_at=first - 1)
+        if resume:
             keep_through(trainer.storage, PROMPTS, first - 1)
         else:
             trainer.storage.write_text(PROMPTS, "")
@@ -349,11 +457,8 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         trainer.save_final()
         ray.get(ctl.mark.remote("finished"))
     finally:
-        restore_signals()
         if metrics is not None:
             metrics.close()
-        trainer.shutdown()
-        ray.kill(ctl)
     return trainer.run_dir
 
 

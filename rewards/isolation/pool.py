@@ -207,6 +207,8 @@ class ScoringPool:
         self._stats = {name: RewardStats() for name in names}
         self._restarts = 0
         self._closed = False
+        self._pending: deque[tuple[int, str]] = deque()  # the calls of the score() under way
+        self._retried: set[tuple[int, str]] = set()  # its calls whose worker died once
         self._workers: list[_Worker] = []
         try:
             self._workers = [_Worker(self._init) for _ in range(workers)]
@@ -282,6 +284,7 @@ class ScoringPool:
     def _score(self, items: Sequence[tuple[str, str]], names: list[str]) -> list[dict[str, RewardResult]]:
         results: list[dict[str, RewardResult]] = [{} for _ in items]
         pending = deque((i, name) for i in range(len(items)) for name in names)
+        self._pending, self._retried = pending, set()
         while pending or any(w.task is not None for w in self._workers):
             for w in list(self._workers):
                 if pending and w.ready and w.task is None:
@@ -344,11 +347,16 @@ class ScoringPool:
                 self._replace(w)
 
     def _died(self, w: _Worker, results: list[dict[str, RewardResult]]) -> None:
-        """A worker exited without answering: a crash in native code, or the OOM killer."""
+        """A worker exited without answering: killed from outside, a crash in native code,
+        or the OOM killer. Its call is tried once more on a fresh worker (a lost worker
+        changes no score); a second death on the same call makes it an ERROR."""
         w.kill()
         if not w.ready:
             raise RuntimeError(f"scoring worker exited during startup (exit code {w.exitcode})")
-        if w.task is not None:
+        if w.task is not None and w.task not in self._retried:
+            self._retried.add(w.task)
+            self._pending.appendleft(w.task)
+        elif w.task is not None:
             task_id, name = w.task
             reason = f"worker process died (exit code {w.exitcode}); worker restarted"
             results[task_id][name] = RewardResult(0.0, RewardStatus.ERROR, reason)

@@ -101,9 +101,12 @@ def test_scoring_order_reward_then_reward_model_then_reference():
             return f"{self.name}({x})"
 
     s = Scoring([Handle("r0", "score"), Handle("r1", "score")], Handle("rm", "score"), Handle("ref", "add_ref_logprobs"))
-    assert [s.score(g) for g in ("g0", "g1", "g2")] == ["ref(rm(r0(g0)))", "ref(rm(r1(g1)))", "ref(rm(r0(g2)))"]
-    assert s.routed == 3
-    assert Scoring([Handle("r0", "score")]).score("g") == "r0(g)"
+    # Group number n goes to reward actor n mod 2, whatever order the groups come in.
+    calls = [s.score(n, g) for n, g in ((2, "g2"), (0, "g0"), (1, "g1"))]
+    assert [c[-1][1] for c in calls] == ["ref(rm(r0(g2)))", "ref(rm(r0(g0)))", "ref(rm(r1(g1)))"]
+    assert [[a.name for a, _ in c] for c in calls] == [["r0", "rm", "ref"], ["r0", "rm", "ref"], ["r1", "rm", "ref"]]
+    assert [r for _, r in calls[1]] == ["r0(g0)", "rm(r0(g0))", "ref(rm(r0(g0)))"]
+    assert [r for _, r in Scoring([Handle("r0", "score")]).score(5, "g")] == ["r0(g)"]
 
 
 def _sources(*packages: str) -> list[Path]:

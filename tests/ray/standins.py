@@ -1,0 +1,41 @@
+"""Small stand-in actors for tests of the routing and supervision (``tests/ray/test_supervise.py``),
+in a module of their own so that Ray workers can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+class Engine:
+    """Yields k, then a stand-in group, per prompt, one every ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stream_groups(self, prompts, samples_per_prompt, *, seeds=None, expect_version=None):
+        for k, p in enumerate(prompts):
+            time.sleep(self.delay_s)
+            yield k
+            yield ("group", p.index, seeds[k])
+
+
+class Reward:
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, group):
+        time.sleep(self.delay_s)
+        return ("scored", *group[1:], os.getpid())
