@@ -277,8 +277,11 @@ def on_node_options(node_id: str) -> dict[str, Any]:
 
 
 def control_options() -> dict[str, Any]:
-    """The run's control actor (``orchestrator.control``) only answers polls: no CPU reserved."""
-    return {"num_cpus": 0}
+    """The run's control actor (``orchestrator.control``) only answers polls: no CPU
+    reserved, on the driver's own node (losing another node must not lose it)."""
+    import ray
+
+    return on_node_options(ray.get_runtime_context().get_node_id())
 
 
 def local_cpus(num_cpus: int | None) -> int:

@@ -266,7 +266,9 @@ class Keeper:
                             where=where, recovered_s=None)
 
     def _event(self, member: Member, *, cause: str, where: Whereabouts, recovered_s: float | None) -> None:
-        row = {"time": time.time(), "step": self.step, "role": member.role, "index": member.index,
+        now = time.time()
+        row = {"time": now, "detected_at": now - (recovered_s or 0.0), "step": self.step, "role": member.role,
+               "index": member.index,
                "actor": member.actor_id, "node": where.node_id, "ip": where.ip, "pid": where.pid,
                "cause": cause, "recovered_s": recovered_s}
         self.events.append(row)

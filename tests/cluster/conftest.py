@@ -106,13 +106,14 @@ def _pick_ports(names: list[str]) -> _Ports:
     return _Ports(gcs, dashboard, client_server, per_node, dict(zip(names, ranges, strict=True)))
 
 
-def _start_command(name: str, resource: str, temp_dir: Path, ports: _Ports) -> list[str]:
+def _start_command(name: str, resource: str, temp_dir: Path, ports: _Ports,
+                   extra: dict[str, float] | None = None) -> list[str]:
     own = ports.per_node[name]
     low, high = ports.worker_ranges[name]
     cmd = [
         str(RAY), "start", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-        f"--num-cpus={NODE_CPUS}", "--num-gpus=0", f"--resources={json.dumps({resource: 1})}",
+        f"--num-cpus={NODE_CPUS}", "--num-gpus=0", f"--resources={json.dumps({resource: 1, **(extra or {})})}",
         f"--object-store-memory={OBJECT_STORE_BYTES}",
         f"--node-manager-port={own['node_manager']}", f"--object-manager-port={own['object_manager']}",
         f"--dashboard-agent-listen-port={own['agent_listen']}",
@@ -162,7 +163,16 @@ def _node_pids(pgid: int, temp_dir: Path) -> list[int]:
                 pids.append(int(entry.name))
         except (OSError, ValueError):
             continue  # the process ended while we read it
-    return pids
+    # Actor processes retitle themselves ("ray::RolloutActor"), dropping the temp dir from
+    # their command line: they are found as the raylet's descendants.
+    import psutil
+
+    for pid in list(pids):
+        try:
+            pids += [c.pid for c in psutil.Process(pid).children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            continue
+    return sorted(set(pids))
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -181,8 +191,12 @@ class TwoNodeCluster:
     working dir and resource label. `kill_node(name)` SIGKILLs a node and its workers.
     """
 
-    def __init__(self, base: Path, names: tuple[str, ...] = ("head", "worker")):
+    def __init__(self, base: Path, names: tuple[str, ...] = ("head", "worker"),
+                 extra_resources: dict[str, dict[str, float]] | None = None):
+        """``names``: the nodes, "head" first; ``extra_resources``: custom resources a node
+        offers besides its own ``node_<name>`` (several nodes may offer one)."""
         self._stopped = False
+        self.extra_resources = extra_resources or {}
         self.base = base
         self.ports = _pick_ports(list(names))
         self.gcs_address = f"127.0.0.1:{self.ports.gcs}"
@@ -193,13 +207,29 @@ class TwoNodeCluster:
         self._temp_dirs = {name: Path(f"/tmp/r1c-{tag}-{name}") for name in names}
         atexit.register(self.stop)
 
-    def start(self) -> TwoNodeCluster:
+    def start(self, only: tuple[str, ...] | None = None) -> TwoNodeCluster:
+        """Start the nodes (or those in ``only``; the others can join later, ``start_node``)."""
         for name, temp_dir in self._temp_dirs.items():
+            if only is not None and name not in only:
+                continue
             self.nodes[name] = self._launch(name, temp_dir)
             if name == "head":
                 self._wait_for_gcs()
         self._wait_started()
         return self
+
+    def start_node(self, name: str) -> float:
+        """Start node ``name`` (a replacement joining, as an autoscaler's would); returns the
+        seconds until the cluster reports it alive."""
+        t0 = time.monotonic()
+        node = self.nodes[name] = self._launch(name, self._temp_dirs[name])
+
+        def running() -> None:
+            if node.process.poll() is not None:
+                self._fail_start(name, f"exited with code {node.process.returncode}")
+
+        self.wait_for_state({name}, "ALIVE", START_DEADLINE_S, check=running)
+        return time.monotonic() - t0
 
     def _launch(self, name: str, temp_dir: Path) -> RayNode:
         node_dir = self.base / name
@@ -210,7 +240,8 @@ class TwoNodeCluster:
         resource = f"node_{name}"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                _start_command(name, resource, temp_dir, self.ports), cwd=work_dir, env=_node_env(name),
+                _start_command(name, resource, temp_dir, self.ports, self.extra_resources.get(name)), cwd=work_dir,
+                env=_node_env(name),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # setsid: the node is one process group to signal
             )
