@@ -67,6 +67,12 @@ def run(
             run_dir = module.run(cfg, progress=on_progress)
     except StageError as err:
         _fail(str(err))
+    except RuntimeError as err:
+        from orchestrator.supervise import ActorGone, LearnerLost
+
+        if not isinstance(err, (ActorGone, LearnerLost)):
+            raise
+        _fail(f"{err}. What was saved is under {cfg.run.location}.")
     console.print(f"[green]done[/] in {time.monotonic() - start:.0f}s: {run_dir}")
     _summary(run_dir)
 

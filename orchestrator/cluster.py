@@ -217,22 +217,36 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
         actors.reward_sets.setdefault(name, []).append(handle)
 
 
+READY_S = 1800.0  # an actor built and its model loaded (a large checkpoint from slow storage)
+GROUP_S = 600.0  # a process group formed (every member has to join)
+
+
 def _wait_ready(actors: StageActors) -> None:
+    from orchestrator.supervise import await_all
+
     if actors.learners:
-        master = ray.get(actors.learners[0].address.remote())
-        sizes = ray.get([w.setup.remote(*master) for w in actors.learners])
+        (master,) = await_all([("learner 0", actors.learners[0], actors.learners[0].address.remote())],
+                              "starting", READY_S)
+        sizes = await_all([(f"learner {i}", w, w.setup.remote(*master)) for i, w in enumerate(actors.learners)],
+                          "joining the learner group", READY_S)
         log.info("learner group of %d ranks ready (%d parameters)", len(sizes), sizes[0])
-    others = [a.ready.remote() for a in actors.rollouts + actors.rewards]
-    others += [a.ready.remote() for a in (actors.reference, actors.reward_model) if a is not None]
-    ray.get(others)
+    others = [(f"rollout {i}", a, a.ready.remote()) for i, a in enumerate(actors.rollouts)]
+    others += [(f"reward {i}", a, a.ready.remote()) for i, a in enumerate(actors.rewards)]
+    others += [(role, a, a.ready.remote()) for role, a in (("reference", actors.reference),
+                                                            ("reward_model", actors.reward_model)) if a is not None]
+    await_all(others, "starting", READY_S)
 
 
 def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int) -> None:
     """Form the weight-push group: learner rank 0 plus every worker of every engine."""
-    host, port = ray.get(actors.learners[0].address.remote())
-    spec = ray.get(actors.learners[0].weight_spec.remote())
+    from orchestrator.supervise import await_all
+
+    rank0 = actors.learners[0]
+    host, port = await_all([("learner 0", rank0, rank0.address.remote())], "answering", GROUP_S)[0]
+    spec = await_all([("learner 0", rank0, rank0.weight_spec.remote())], "describing its weights", GROUP_S)[0]
     world = 1 + len(actors.rollouts) * tensor_parallel_size
-    refs = [actors.learners[0].init_weight_group.remote(host, port, world, backend)]
+    calls = [("learner 0", rank0, rank0.init_weight_group.remote(host, port, world, backend))]
     for i, engine in enumerate(actors.rollouts):
-        refs.append(engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world, backend, spec))
-    ray.get(refs)
+        calls.append((f"rollout {i}", engine,
+                      engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world, backend, spec)))
+    await_all(calls, "forming the weight-push group", GROUP_S)

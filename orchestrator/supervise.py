@@ -480,3 +480,20 @@ def collect(actors, keeper: Keeper, prompts: Sequence, samples_per_prompt: int, 
     done = Flight(started, actors.rollouts, keeper, chain).run()
     scored = ray.get([done[p] for p in range(len(prompts))], timeout=keeper.deadlines.scoring_s)
     return sorted(scored, key=lambda s: s.group.prompt_index)
+
+
+def await_all(calls: Sequence[tuple[str, object, ray.ObjectRef]], what: str, timeout_s: float) -> list:
+    """The results of ``calls`` ((label, actor, result) each) within ``timeout_s``; past it,
+    ``ActorGone`` names each late actor with its node and pid, after logging its stack."""
+    refs = [ref for _, _, ref in calls]
+    _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if late:
+        names = []
+        for label, actor, ref in calls:
+            if ref in late:
+                where = whereabouts(actor._actor_id.hex())
+                log.error("%s (%s) did not finish %s within %.0f s; its stack:\n%s", label, where, what, timeout_s,
+                          stack_of(where))
+                names.append(f"{label} ({where})")
+        raise ActorGone(f"{', '.join(names)} did not finish {what} within {timeout_s:.0f} s")
+    return ray.get(refs)

@@ -394,8 +394,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg = prepared.local
     check_inputs(cfg)
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    ctl = control.start_control(cfg.run.name)
+    ctl = None  # the run's control actor, once connected (after the data checks)
     term = threading.Event()
     restore_signals = _stop_on_signals(term)
     restarts: Counter = Counter()
@@ -403,6 +402,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     try:
         for attempt in range(cfg.run.max_restarts + 1):
             trainer = GRPOTrainer(prepared, restarts)
+            ctl = ctl or control.start_control(cfg.run.name)
             try:
                 return _attempt(trainer, cfg, resume, ctl, term, progress)
             except supervise.LearnerLost as err:
@@ -425,7 +425,8 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         raise StageError(f"{err}. Resume from the latest checkpoint with run.resume=true.") from None
     finally:
         restore_signals()
-        ray.kill(ctl)
+        if ctl is not None:
+            ray.kill(ctl)
     raise AssertionError("unreachable")
 
 

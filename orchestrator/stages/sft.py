@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import ray
 from pydantic import Field
 
 from learner.config import LearnerConfig
-from orchestrator import cluster, storage
+from orchestrator import cluster, storage, supervise
 from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import DataError, load_pairs
@@ -141,7 +140,10 @@ def run(cfg: Config, progress=None) -> Path:
                 batch = [examples[i] for i in order[k * cfg.sft.sequences_per_step:(k + 1) * cfg.sft.sequences_per_step]]
                 shards = _split(batch, cfg.cluster.learner_workers, cfg.sft.micro_batch_sequences)
                 tokens = sum(len(r) for _, r in batch)
-                results = ray.get([w.sft_step.remote(s, tokens) for w, s in zip(workers, shards, strict=True)])
+                results = supervise.await_all(
+                    [(f"learner {i}", w, w.sft_step.remote(s, tokens))
+                     for i, (w, s) in enumerate(zip(workers, shards, strict=True))],
+                    f"SFT step {step}", cfg.run.hang_grace_s + tokens / cfg.run.min_tokens_per_s)
                 nll = sum(r.nll_sum for r in results) / tokens
                 record = {"step": step, "epoch": epoch + 1, "loss": nll,
                           "token_accuracy": sum(r.correct for r in results) / tokens,
@@ -151,7 +153,8 @@ def run(cfg: Config, progress=None) -> Path:
                 if progress is not None:
                     progress(step, total, f"epoch {epoch + 1}  loss {nll:.4f}  ppl {math.exp(min(nll, 50)):.2f}")
         where, publish = run.writer("final")
-        ray.get([w.save_hf.remote(where, publish) for w in workers])
+        supervise.await_all([(f"learner {i}", w, w.save_hf.remote(where, publish)) for i, w in enumerate(workers)],
+                            "saving final/", cluster.READY_S)
         run.save_pretrained(tokenizer, "final")
     finally:
         metrics.close()

@@ -77,9 +77,22 @@ def addition_data(tmp_path_factory):
     return make_dataset("addition", tmp_path_factory.mktemp("addition"))["train"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
+def ray_local():
+    """A local Ray cluster for this package only: shut down before the cluster tier, whose
+    tests connect this process to clusters of their own."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
 def straight_runs(ray_local, tiny_model, addition_data, tmp_path_factory):
-    """Outcome of the uninterrupted run, per staleness (computed once per session)."""
+    """Outcome of the uninterrupted run, per staleness (computed once per package)."""
     from orchestrator.stages import grpo
     from tests.chaos import runs
 
@@ -92,3 +105,26 @@ def straight_runs(ray_local, tiny_model, addition_data, tmp_path_factory):
                                                                  f"straight-{staleness}", staleness)))
         return cache[staleness]
     return get
+
+
+ROLE_OF = {"RolloutActor": "rollout", "RewardActor": "reward", "ReferenceActor": "reference",
+           "GRPOLearner": "learner", "scoring worker": "reward"}
+
+
+def report(faults: Faults, events: list[dict]) -> list[str]:
+    """One line per injected fault: when the run noticed it and how long it took to
+    recover, from the run's faults.jsonl (printed with ``pytest -s``)."""
+    lines = []
+    for what, pid, at in faults.done:
+        seen = [e for e in events if e["role"] == ROLE_OF.get(what) and e.get("detected_at", e["time"]) >= at - 1]
+        if what == "scoring worker" or not seen:
+            lines.append(f"{what} (pid {pid}): no actor restart (handled inside its actor)")
+            continue
+        e = seen[0]
+        recovered = e.get("recovered_s")
+        back = "" if recovered is None else f", back in {recovered:.1f} s"
+        lines.append(f"{what} (pid {pid}): noticed after {e.get('detected_at', e['time']) - at:.1f} s "
+                     f"at step {e['step']} ({e['cause'][:60]}){back}")
+    for line in lines:
+        print(line)
+    return lines

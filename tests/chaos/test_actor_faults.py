@@ -10,12 +10,12 @@ import signal
 import pytest
 
 from tests.chaos import runs
-from tests.chaos.conftest import Faults, kill, kill_pool_worker
+from tests.chaos.conftest import Faults, kill, kill_pool_worker, report
 
 pytestmark = pytest.mark.chaos
 
 # Deadlines small enough that a stopped actor is found in seconds (supervise.Deadlines).
-WATCHDOG = ("run.hang_grace_s=15", "run.min_tokens_per_s=100000", "rewards.timeout_s=2")
+WATCHDOG = ("run.hang_grace_s=20", "run.min_tokens_per_s=100000", "rewards.timeout_s=2")
 
 
 def _check_run(run_dir, straight) -> tuple[list[dict], list[dict]]:
@@ -57,6 +57,7 @@ def test_lost_and_stopped_actors_are_restarted_and_their_work_redone(ray_local, 
     hung = [e for e in events if e["cause"].startswith("hung")]
     assert hung and hung[0]["role"] == "reward" and hung[0]["pid"] > 0 and hung[0]["node"]
     assert all(e["recovered_s"] is None or e["recovered_s"] < 300 for e in events)
+    report(faults, events)
 
 
 def test_a_lost_learner_rank_restarts_the_group_from_its_checkpoint(ray_local, tiny_model, addition_data,
@@ -71,3 +72,4 @@ def test_a_lost_learner_rank_restarts_the_group_from_its_checkpoint(ray_local, t
     restart = [e for e in events if e["role"] == "learner"]
     # Killed as step 2 ends: its checkpoint may or may not have been written.
     assert len(restart) == 1 and restart[0]["resume_from"].endswith(("step-1", "step-2"))
+    report(faults, events)

@@ -273,3 +273,17 @@ os._exit(0)
         time.sleep(0.1)
     os.kill(pid, 9)
     pytest.fail(f"worker {pid} outlived its parent")
+
+
+def test_a_worker_killed_mid_call_changes_no_score():
+    """kill -9 from outside (the OOM killer, an operator): the call is tried again on a
+    fresh worker, so the score is the one it would have had; not an ERROR."""
+    import signal
+
+    with ScoringPool([RewardSpec(name="_test_sleep")], workers=1, timeout_s=10.0, imports=[__name__]) as pool:
+        victim = pool._workers[0].process.pid
+        threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+        (result,) = pool.score([("any", "1.5")])
+        assert result["_test_sleep"].status is RewardStatus.CORRECT
+        assert pool._workers[0].process.pid != victim
+        assert pool.stats().rewards["_test_sleep"].errors == 0
