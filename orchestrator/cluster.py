@@ -237,16 +237,17 @@ def _wait_ready(actors: StageActors) -> None:
     await_all(others, "starting", READY_S)
 
 
-def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int) -> None:
+def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int, *,
+                     timeout_s: float = GROUP_S) -> None:
     """Form the weight-push group: learner rank 0 plus every worker of every engine."""
     from orchestrator.supervise import await_all
 
     rank0 = actors.learners[0]
-    host, port = await_all([("learner 0", rank0, rank0.address.remote())], "answering", GROUP_S)[0]
-    spec = await_all([("learner 0", rank0, rank0.weight_spec.remote())], "describing its weights", GROUP_S)[0]
+    host, port = await_all([("learner 0", rank0, rank0.address.remote())], "answering", timeout_s)[0]
+    spec = await_all([("learner 0", rank0, rank0.weight_spec.remote())], "describing its weights", timeout_s)[0]
     world = 1 + len(actors.rollouts) * tensor_parallel_size
     calls = [("learner 0", rank0, rank0.init_weight_group.remote(host, port, world, backend))]
     for i, engine in enumerate(actors.rollouts):
         calls.append((f"rollout {i}", engine,
                       engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world, backend, spec)))
-    await_all(calls, "forming the weight-push group", GROUP_S)
+    await_all(calls, "forming the weight-push group", timeout_s)

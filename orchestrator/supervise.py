@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -164,7 +165,8 @@ class Roster:
 def stack_of(where: Whereabouts) -> str:
     """The Python stacks of the process at ``where`` (py-spy, without pausing it: a stopped
     process still shows where it stopped); why not, when it cannot be had."""
-    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "py-spy")
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")  # ray[default] installs it beside python
+    spy = spy if os.path.exists(spy) else (shutil.which("py-spy") or spy)
     if not where.pid or not os.path.exists(spy):
         return "(no stack: py-spy is not installed)"
     if where.ip not in (ray.util.get_node_ip_address(), "127.0.0.1"):
@@ -277,6 +279,11 @@ class Keeper:
 
 
 def first_line(err: BaseException) -> str:
+    """The first line of what ``err`` says; for an error passed on by Ray from another
+    task, what the original error says."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:300].rstrip(".")
 
@@ -486,7 +493,12 @@ def await_all(calls: Sequence[tuple[str, object, ray.ObjectRef]], what: str, tim
     """The results of ``calls`` ((label, actor, result) each) within ``timeout_s``; past it,
     ``ActorGone`` names each late actor with its node and pid, after logging its stack."""
     refs = [ref for _, _, ref in calls]
-    _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    deadline, late = time.monotonic() + timeout_s, list(refs)
+    while late:  # one at a time: an error (one member died) ends the wait at once
+        done, late = ray.wait(late, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            break
+        ray.get(done[0])
     if late:
         names = []
         for label, actor, ref in calls:

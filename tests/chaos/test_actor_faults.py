@@ -40,16 +40,16 @@ def test_lost_and_stopped_actors_are_restarted_and_their_work_redone(ray_local, 
     from orchestrator.stages import grpo
 
     faults = Faults({
-        1: [(kill("RolloutActor"), 0.3), (kill("RewardActor"), 0.0)],  # while generating; while idle
-        2: [(kill("ReferenceActor"), 0.0), (kill_pool_worker(), 0.0)],
+        1: [(kill("RolloutActor"), 0.0), (kill("RewardActor"), 0.0)],  # between steps
+        2: [(kill("RolloutActor"), 0.3), (kill("ReferenceActor"), 0.0), (kill_pool_worker(), 0.0)],  # mid-step
         3: [(kill("RewardActor", signal.SIGSTOP), 0.0)],  # stopped before the step scores
     })
     cfg = runs.config(tiny_model, addition_data, tmp_path, "chaos", extra=WATCHDOG)
     rows, events = _check_run(grpo.run(cfg, progress=faults.progress), straight_runs(0))
     assert not faults.errors, faults.errors
-    assert len(faults.done) == 5
+    assert len(faults.done) == 6
     last = rows[-1]
-    assert last["restarts/rollout"] >= 1 and last["restarts/reference"] >= 1
+    assert last["restarts/rollout"] >= 2 and last["restarts/reference"] >= 1
     assert last["restarts/reward"] >= 2  # killed, then stopped and restarted by the watchdog
     assert last["restarts/learner"] == 0
     roles = [e["role"] for e in events]
