@@ -426,12 +426,19 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     restarts: Counter = Counter()
     resume = cfg.run.resume
     try:
+        lost_at = None  # when the learner group was last lost
         for attempt in range(cfg.run.max_restarts + 1):
             trainer = GRPOTrainer(prepared, restarts)
+            if lost_at is not None:
+                back = time.monotonic() - lost_at
+                trainer.log_fault({"time": time.time(), "role": "learner", "cause": "every actor started again",
+                                   "recovered_s": back})
+                log.warning("every actor started again in %.1f s; resuming", back)
             ctl = ctl or control.start_control(cfg.run.name)
             try:
                 return _attempt(trainer, cfg, resume, ctl, term, progress)
-            except supervise.LearnerLost as err:
+            except (supervise.LearnerLost, ray.exceptions.RayActorError) as lost:
+                err = _learner_lost(trainer, lost)
                 latest = trainer.checkpoints.latest()
                 where = trainer.storage.location(latest.path) if latest is not None else None
                 if attempt == cfg.run.max_restarts:
@@ -445,6 +452,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
                 log.error("%s; restarting every actor from %s (restart %d of %d)", err,
                           where or "the start (no checkpoint yet)", attempt + 1, cfg.run.max_restarts)
                 resume = latest is not None
+                lost_at = time.monotonic()
             finally:
                 trainer.shutdown()
     except supervise.ActorGone as err:
@@ -454,6 +462,18 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         if ctl is not None:
             ray.kill(ctl)
     raise AssertionError("unreachable")
+
+
+def _learner_lost(trainer: GRPOTrainer, err: BaseException) -> supervise.LearnerLost:
+    """``err`` as a lost learner rank; re-raised when it is another actor's death that
+    nothing handled."""
+    if isinstance(err, supervise.LearnerLost):
+        return err
+    member = trainer.roster.who(err)
+    if member is None or member.role != "learner":
+        raise err
+    where = supervise.whereabouts(member.actor_id)
+    return supervise.LearnerLost(f"{member.label} ({where}) was lost: {supervise.first_line(err)}")
 
 
 def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term: threading.Event,

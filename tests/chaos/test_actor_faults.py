@@ -69,7 +69,11 @@ def test_a_lost_learner_rank_restarts_the_group_from_its_checkpoint(ray_local, t
     rows, events = _check_run(grpo.run(cfg, progress=faults.progress), straight_runs(0))
     assert not faults.errors, faults.errors
     assert rows[-1]["restarts/learner"] == 1
-    restart = [e for e in events if e["role"] == "learner"]
+    restart = [e for e in events if e["role"] == "learner" and "resume_from" in e]
+    back = [e for e in events if e["role"] == "learner" and e.get("recovered_s") is not None]
+    assert len(back) == 1 and back[0]["time"] > restart[0]["time"]
     # Killed as step 2 ends: its checkpoint may or may not have been written.
     assert len(restart) == 1 and restart[0]["resume_from"].endswith(("step-1", "step-2"))
     report(faults, events)
+    print(f"learner group: every actor started again in {back[0]['recovered_s']:.1f} s, resumed from "
+          f"{restart[0]['resume_from'].rsplit('/', 1)[-1]}")

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
 
 STEPS, PROMPTS = 4, 2
 # Rollout and reward need the "spot" resource, which the worker node offers and, once
-# the worker is gone, only the spare node that replaces it.
+# the worker is gone, only the spare node that replaces it; the learner stays on the head.
 SPOT = {"worker": {"spot": 1.0}, "spare": {"spot": 1.0}}
 
 
@@ -38,6 +38,7 @@ def test_a_lost_node_s_actors_restart_on_its_replacement(tmp_path, ray_driver, t
             "learner.micro_batch_groups=1", "rollout.max_new_tokens=8", "logging.wandb_mode=disabled",
             "run.hang_grace_s=30", "cluster.cpus_per_actor=0.5",
             "cluster.roles.rollout.resources={spot: 0.5}", "cluster.roles.reward.resources={spot: 0.5}",
+            "cluster.roles.learner.resources={node_head: 0.1}",
         ])
         lost: dict[str, float] = {}
 
