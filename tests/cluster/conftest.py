@@ -394,3 +394,15 @@ def ray_driver():
     yield connect
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_nodes_with_spare(tmp_path):
+    """A head and a worker, and a spare node that joins on ``start_node("spare")`` (as an
+    autoscaler's replacement would); the worker and the spare offer the resource "spot"."""
+    cluster = TwoNodeCluster(tmp_path / "cluster", ("head", "worker", "spare"),
+                             {"worker": {"spot": 1.0}, "spare": {"spot": 1.0}})
+    try:
+        yield cluster.start(only=("head", "worker"))
+    finally:
+        cluster.stop()
