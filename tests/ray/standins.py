@@ -7,8 +7,8 @@ import os
 import time
 
 
-class Engine:
-    """Yields k, then a stand-in group, per prompt, one every ``delay_s``."""
+class _Standin:
+    """What every stand-in answers: ``ready`` and its process id; ``delay_s`` per item of work."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
@@ -18,6 +18,10 @@ class Engine:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class Engine(_Standin):
+    """Yields k, then a stand-in group, per prompt, one every ``delay_s``."""
 
     def stream_groups(self, prompts, samples_per_prompt, *, seeds=None, expect_version=None):
         for k, p in enumerate(prompts):
@@ -26,15 +30,8 @@ class Engine:
             yield ("group", p.index, seeds[k])
 
 
-class Reward:
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-
-    def ready(self) -> bool:
-        return True
-
-    def pid(self) -> int:
-        return os.getpid()
+class Reward(_Standin):
+    """Scores a stand-in group after ``delay_s``, naming the process that scored it."""
 
     def score(self, group):
         time.sleep(self.delay_s)

@@ -31,14 +31,14 @@ def _stage(ray, *, engine_delay=0.05, reward_delay=0.05, restarts=3, grace_s=60.
     return actors, supervise.Keeper(supervise.Roster(actors), deadlines, max_restarts=restarts)
 
 
-def _fly(ray, actors, keeper, n: int = 12):
+def _fly(ray, actors, keeper, n: int = 12, catch_up=None):
     from actors.rollout import PromptItem
     from orchestrator import streaming, supervise
 
     prompts = [PromptItem(i, (1, 2), "x") for i in range(n)]
     launch = streaming.launch(actors.rollouts, prompts, SAMPLES, seeds=[1000 + i for i in range(n)])
     chain = supervise.scoring_chain(streaming.Scoring(actors.rewards), keeper.roster)
-    done = supervise.Flight(launch, actors.rollouts, keeper, chain).run()
+    done = supervise.Flight(launch, actors.rollouts, keeper, chain, catch_up=catch_up).run()
     return {p: ray.get(r) for p, r in done.items()}
 
 
@@ -68,14 +68,7 @@ def test_a_killed_engine_is_restarted_and_its_prompts_reissued_once(ray_local):
     pid = ray_local.get(actors.rollouts[0].pid.remote())
     _later(1.0, lambda: os.kill(pid, signal.SIGKILL))
     caught_up = []
-    from orchestrator import streaming, supervise
-    from actors.rollout import PromptItem
-
-    prompts = [PromptItem(i, (1, 2), "x") for i in range(12)]
-    launch = streaming.launch(actors.rollouts, prompts, SAMPLES, seeds=[1000 + i for i in range(12)])
-    chain = supervise.scoring_chain(streaming.Scoring(actors.rewards), keeper.roster)
-    done = supervise.Flight(launch, actors.rollouts, keeper, chain, catch_up=caught_up.append).run()
-    _expect_all({p: ray_local.get(r) for p, r in done.items()})
+    _expect_all(_fly(ray_local, actors, keeper, catch_up=caught_up.append))
     assert keeper.restarts["rollout"] == 1 and caught_up == [0]
 
 
