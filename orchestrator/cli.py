@@ -13,6 +13,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+def _token_mode() -> None:
+    """Ray's client sends a token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) only in token
+    mode, read when ray is imported: turn it on first, unless RAY_AUTH_MODE says otherwise."""
+    import os
+
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) \
+            and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+_token_mode()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train reasoning models with GRPO and the DeepSeek-R1 recipe on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
@@ -48,7 +60,7 @@ def run(
         cfg = load_config(config, overrides or [], model=module.Config)
     except (StageError, ConfigError) as err:
         _fail(str(err))
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     if not console.is_terminal:
         # Names the run in job logs, so `r1lab status` knows a plain `ray job submit` of it.
         from orchestrator.jobs import header_line
@@ -56,7 +68,7 @@ def run(
         console.print(header_line(cfg.run.name, stage), markup=False, soft_wrap=True)
     try:
         with _progress() as progress:
-            task = progress.add_task(stage, total=None, info="starting actors")
+            task = progress.add_task(stage, total=None, info="checking inputs, starting actors")
 
             def on_progress(done: int, total: int, info: str) -> None:
                 progress.update(task, completed=done, total=total, info=info)
@@ -65,16 +77,48 @@ def run(
                     console.print(f"[r1lab] {stage} {done}/{total} {info}", markup=False, soft_wrap=True)
 
             run_dir = module.run(cfg, progress=on_progress)
-    except StageError as err:
-        _fail(str(err))
-    except RuntimeError as err:
-        from orchestrator.supervise import ActorGone, LearnerLost
-
-        if not isinstance(err, (ActorGone, LearnerLost)):
-            raise
-        _fail(f"{err}. What was saved is under {cfg.run.location}.")
-    console.print(f"[green]done[/] in {time.monotonic() - start:.0f}s: {run_dir}")
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure ends as sentences
+        _run_failed(err, stage, config, overrides or [], cfg, verbose, started_at)
+    if stage != "grpo" or not _stopped_hint(config, overrides or [], cfg):
+        console.print(f"[green]done[/] in {time.monotonic() - start:.0f}s: {run_dir}")
     _summary(run_dir)
+
+
+def _run_failed(err: BaseException, stage: str, config: Path, overrides: list[str], cfg, verbose: bool,
+                since: float) -> None:
+    """Print what failed, what was saved and how to continue (three lines at most); the
+    traceback goes to the run's log file (and to the console with -v)."""
+    from orchestrator import failures
+    from orchestrator.preflight import PreflightError
+
+    logged = failures.log_traceback(err, cfg, since)
+    if verbose:
+        console.print_exception()
+    console.print(f"[bold red]error:[/] {failures.what_failed(err)}", soft_wrap=True)
+    after = None if isinstance(err, PreflightError) else failures.saved_and_next(stage, config, overrides, cfg, since)
+    if after is not None:
+        console.print(after[0], soft_wrap=True)
+        console.print(f"{after[1]}  [dim](traceback: {logged})[/]", soft_wrap=True)
+    elif not isinstance(err, PreflightError):
+        console.print(f"[dim]traceback: {logged}[/]", soft_wrap=True)
+    from orchestrator.stages import StageError
+
+    raise typer.Exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, StageError) else 1)
+
+
+def _stopped_hint(config: Path, overrides: list[str], cfg) -> bool:
+    """A grpo run that returned without ``final/`` was stopped: say how to continue it."""
+    from orchestrator import failures, storage
+
+    run = storage.RunStorage.of(cfg.run.storage, cfg.run.name)
+    if run.exists("final"):
+        return False
+    after = failures.saved_and_next("grpo", config, overrides, cfg)
+    if after is None:
+        return False
+    console.print(f"[yellow]stopped[/]; {after[0]}", soft_wrap=True)
+    console.print(after[1], soft_wrap=True)
+    return True
 
 
 def _progress() -> Progress:

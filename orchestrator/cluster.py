@@ -166,6 +166,7 @@ def start(parts: StageParts, roles: Sequence[str]) -> StageActors:
         raise ValueError("the reward role needs at least one reward set (StageParts.reward_sets)")
     connect(parts.cluster.address, num_cpus=parts.cluster.num_cpus)
     p = parts.plan(roles)
+    placement.check_fits(p, autoscaling=parts.cluster.autoscaling)
     actors = StageActors(pg=placement.create_placement_groups(p))
     try:
         env = placement.actor_env()
@@ -251,3 +252,24 @@ def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: in
         calls.append((f"rollout {i}", engine,
                       engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world, backend, spec)))
     await_all(calls, "forming the weight-push group", timeout_s)
+
+
+def save_final(run, learners: Sequence, tokenizer) -> str:
+    """Learner rank 0 writes the weights, the driver the tokenizer, both into a temp folder
+    of ``run`` (a ``RunStorage``) that becomes ``final/`` once complete: a crash or a full
+    disk leaves no half-written ``final/`` (and the temp folder is removed)."""
+    import uuid
+
+    from orchestrator import supervise
+
+    partial = f"final.partial-{uuid.uuid4().hex[:8]}"
+    where, publish = run.writer(partial)
+    try:
+        supervise.await_all([(f"learner {i}", w, w.save_hf.remote(where, publish)) for i, w in enumerate(learners)],
+                            "saving final/", READY_S)
+        run.save_pretrained(tokenizer, partial)
+        run.replace_dir(partial, "final")
+    except BaseException:
+        run.remove(partial)
+        raise
+    return run.location("final")

@@ -36,6 +36,8 @@ class RunConfig(_Frozen):
                          "or a URI")
     seed: int = 0
     resume: bool = Field(default=False, description="continue from the run's last checkpoint")
+    overwrite: bool = Field(default=False, description="a run of this name exists: move it aside to "
+                            "<name>.replaced-<time> (never deleted) and start afresh")
     max_restarts: int = Field(default=3, ge=0, description="how often a lost rollout, reward, reference or "
                               "reward-model actor is restarted (each), and how often the learner group restarts "
                               "from the latest checkpoint, before the run gives up")
@@ -43,6 +45,13 @@ class RunConfig(_Frozen):
                                 "an actor past its deadline is named, its stack dumped, and it is restarted")
     min_tokens_per_s: float = Field(default=50.0, gt=0, description="the slowest generation or learner speed "
                                     "(tokens/s per actor) that is not a hang: sizes the deadlines")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RunConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("run.resume and run.overwrite are both set: resume continues the run, overwrite "
+                             "moves it aside and starts afresh; choose one")
+        return self
 
     @property
     def location(self) -> str:
@@ -73,6 +82,9 @@ class DataConfig(_Frozen):
         "None: prompts drawn uniformly")
     template: Literal["r1zero", "plain", "chat"] = "r1zero"
     shuffle: bool = True
+    skip_bad_rows: bool = Field(default=False, description="skip rows that are not usable (not UTF-8, not a "
+                                "JSON object, a field missing, a prompt too long) instead of refusing the data; "
+                                "they are counted in the run's data_report.json")
 
     @field_validator("kind_weights")
     @classmethod
@@ -140,6 +152,9 @@ class ClusterConfig(_Frozen):
         default="PACK", description="of the learner ranks, reference and reward model (each rollout "
         "engine's bundles are a group of their own on one node)")
     colocate_reference_with_learner: bool = True
+    autoscaling: bool = Field(default=False, description="the cluster adds nodes on demand (KubeRay autoscaler): "
+                              "a plan the present nodes cannot hold is waited for (with progress lines) instead "
+                              "of refused at once")
     roles: dict[str, RoleConfig] = Field(default_factory=dict, description="per role: the nodes it may use, "
                                          "by custom resources (cluster.roles.learner.resources)")
 

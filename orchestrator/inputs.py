@@ -13,12 +13,11 @@ from rewards.config import RewardsConfig, RewardSpec
 from tasks.templates import render_prompt
 
 
-def check_model(model_path: str) -> None:
-    """A hub id is "org/name"; anything else that names no existing path is a mistake."""
-    model = Path(model_path)
-    looks_local = model.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
-    if looks_local and not model.exists():
-        raise StageError(f"model.path {model} does not exist; build a tiny one with `r1lab init-model {model}`")
+def check_model(model_path: str, setting: str = "model.path") -> None:
+    """A model directory, or a hub id the hub serves here (``preflight.check_model``)."""
+    from orchestrator.preflight import check_model as check
+
+    check(model_path, setting)
 
 
 def check_files(paths: Iterable[Path], what: str) -> None:

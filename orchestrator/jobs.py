@@ -21,6 +21,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -140,7 +141,22 @@ def _driver_dashboard(address: str) -> str:
 
     import ray
 
-    context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    # Ray's C++ client logs every failed attempt to stderr (an auth failure: one line a
+    # second for 20 s): kept out of the console, and read for the cause.
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except Exception as err:
+            caught.seek(0)
+            if b"Unauthenticated" in caught.read():
+                raise ConnectionError(f"{err} (the cluster answered: Unauthenticated, auth token missing or "
+                                      "wrong)") from None
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
     try:
         return context.dashboard_url or ""
     finally:
@@ -165,8 +181,8 @@ def dashboard_from_gcs(address: str, *, ask=_driver_dashboard) -> str:
     except Exception as err:  # noqa: BLE001 - ray.init raises many types; say what matters
         if _is_auth_failure(err):
             raise JobsError(f"the Ray cluster at {address} requires an auth token: {TOKEN_HELP}") from None
-        raise JobsError(f"could not connect to the Ray cluster at {address} ({type(err).__name__}: {err}); "
-                        f"{NAMING_HELP}") from None
+        raise JobsError(f"could not connect to the Ray cluster at {address} ({type(err).__name__}: {err}). If it "
+                        f"uses token authentication (Ray's default), {TOKEN_HELP}; otherwise {NAMING_HELP}") from None
     if not reported:
         raise JobsError(f"the Ray cluster at {address} runs no dashboard, so no Jobs API: start its head with "
                         "--include-dashboard=true")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,23 +209,106 @@ class Placement:
     groups: tuple[PlacementGroup, ...]
 
 
-def create_placement_groups(p: PlacementPlan, timeout_s: float = 300.0) -> Placement | None:
-    """The placement groups of ``p``, all ready (None when it has no bundles). On failure
-    none is left behind, and the error names the groups Ray could not place."""
+class PlacementError(RuntimeError):
+    """The cluster cannot hold a plan; the message names what it needs and what to lower."""
+
+
+LOWER = {"learner": "cluster.learner_workers", "rollout": "cluster.rollout_engines",
+         "reward": "cluster.reward_actors", "reference": "cluster.colocate_reference_with_learner=true",
+         "reward_model": "rewards.reward_models"}
+
+
+def needs(p: PlacementPlan) -> dict[str, dict[str, float]]:
+    """Resources the plan asks for, per role (its bundles, and its actors without one)."""
+    out: dict[str, dict[str, float]] = {}
+    for b in p.bundles:
+        out[b.role] = _sum(out.get(b.role, {}), b.resources)
+    for a in p.actors:
+        if a.bundle is None:
+            out[a.role] = _sum(out.get(a.role, {}), {"CPU": a.num_cpus, "GPU": a.num_gpus}, a.resources)
+    return out
+
+
+def unplaceable(p: PlacementPlan, nodes: Sequence[dict[str, float]]) -> list[str]:
+    """Why ``p`` can never be placed on ``nodes`` (each node's total resources), as things
+    that must hold for any placement; empty when it might be. Not a full bin packing: a
+    plan passing these may still wait for resources other work holds."""
+    fits = lambda need, node: all(node.get(k, 0) + 1e-9 >= v for k, v in need.items())  # noqa: E731
+    problems = []
+    total = _sum(*nodes)
+    by_role = needs(p)
+    for key, amount in sorted(_sum(*by_role.values()).items()):
+        if amount > total.get(key, 0) + 1e-9:
+            parts = ", ".join(f"{role} {r[key]:g}" for role, r in by_role.items() if r.get(key))
+            problems.append(f"{amount:g} {key} ({parts}) but the cluster's {len(nodes)} nodes have "
+                            f"{total.get(key, 0):g}")
+    for b in p.bundles:
+        if not any(fits(b.resources, n) for n in nodes):
+            problems.append(f"a {b.role} bundle of {b.resources}, which no single node holds")
+            break
+    for g in p.groups:
+        group = [p.bundles[b].resources for b in g.bundles]
+        if g.strategy == "STRICT_PACK" and len(group) > 1 and not any(fits(_sum(*group), n) for n in nodes):
+            problems.append(f"group {g.name!r} ({len(group)} bundles, STRICT_PACK) on one node, which no node holds")
+        if g.strategy == "STRICT_SPREAD" and sum(any(fits(r, n) for r in group) for n in nodes) < len(group):
+            problems.append(f"group {g.name!r} ({len(group)} bundles, STRICT_SPREAD) on {len(group)} different "
+                            f"nodes, but only {len(nodes)} nodes are up")
+    for a in p.actors:
+        need = _sum({"CPU": a.num_cpus, "GPU": a.num_gpus}, a.resources)
+        if a.bundle is None and not any(fits(need, n) for n in nodes):
+            problems.append(f"{a.name} needs {need}, which no single node holds")
+            break
+    return problems
+
+
+def check_fits(p: PlacementPlan, *, autoscaling: bool = False) -> None:
+    """Refuse at once a plan the cluster's nodes can never hold, naming what to lower
+    (with ``autoscaling``, log what is waited for instead)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    problems = unplaceable(p, nodes)
+    if not problems:
+        return
+    roles = sorted({b.role for b in p.bundles} | {a.role for a in p.actors})
+    lower = ", ".join(LOWER[r] for r in roles if r in LOWER)
+    if autoscaling:
+        log.warning("waiting for the autoscaler to add nodes: the plan needs %s", "; ".join(problems))
+        return
+    raise PlacementError(f"this cluster cannot hold the plan: it needs {'; '.join(problems)}.\nLower {lower}, or "
+                         "cluster.cpus_per_actor / cluster.gpus_per_*; or add nodes (on an autoscaling cluster, "
+                         "set cluster.autoscaling=true to wait for them)")
+
+
+def create_placement_groups(p: PlacementPlan, timeout_s: float = 300.0, every_s: float = 15.0) -> Placement | None:
+    """The placement groups of ``p``, all ready (None when it has no bundles). While they
+    wait, a line every ``every_s`` says for what. On failure none is left behind, and the
+    error names the groups Ray could not place."""
     if not p.bundles:
         return None
     groups = tuple(placement_group(bundles, strategy=strategy) for bundles, strategy in p.specs())
-    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
-    if len(ready) == len(groups):
+    deadline = time.monotonic() + timeout_s
+    pending = [g.ready() for g in groups]
+    while pending and time.monotonic() < deadline:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(every_s, deadline - time.monotonic()))
+        if pending:
+            waiting = [g for g, pg in zip(p.groups, groups, strict=True) if not _is_ready(pg)]
+            log.warning("waiting for resources (%.0f s left): %s; available now: %s", deadline - time.monotonic(),
+                        ", ".join(_describe(p, g) for g in waiting), _short_resources(ray.available_resources()))
+    if not pending:
         return Placement(p, groups)
     waiting = [g for g, pg in zip(p.groups, groups, strict=True) if not _is_ready(pg)]
     for pg in groups:
         remove_placement_group(pg)
-    raise RuntimeError(
+    raise PlacementError(
         f"the cluster cannot place {', '.join(_describe(p, g) for g in waiting)} within {timeout_s:.0f} s "
-        f"(available: {ray.available_resources()}); lower cluster.learner_workers / cluster.rollout_engines / "
-        "rollout.tensor_parallel_size or the per-actor resources in cluster.*, or check that nodes offer "
-        "the resources named in cluster.roles")
+        f"(available: {_short_resources(ray.available_resources())}); lower cluster.learner_workers / "
+        "cluster.rollout_engines / rollout.tensor_parallel_size or the per-actor resources in cluster.*, or check "
+        "that nodes offer the resources named in cluster.roles")
+
+
+def _short_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Without Ray's per-node and per-group bookkeeping resources."""
+    return {k: round(v, 3) for k, v in resources.items()
+            if not k.startswith(("node:", "bundle_group", "memory", "object_store_memory")) and "_group_" not in k}
 
 
 def _is_ready(pg: PlacementGroup) -> bool:

@@ -8,8 +8,10 @@ Every step runs one stage with its own config file plus overrides, as run
 - ``${STEP.dataset}``: the SFT data a ``sample`` step wrote (``STEP/sft.jsonl``);
 - ``${STEP.dir}``: the step's run directory.
 
-A step that completed writes ``STEP/DONE.json``; on a rerun it is skipped, so a stopped
-pipeline resumes at the step where it stopped. All steps share one Ray connection.
+A step that completed writes ``STEP/DONE.json``. A pipeline run again with
+``run.resume=true`` skips those steps, resumes a ``grpo`` step that stopped from its
+checkpoint, and starts any other unfinished step afresh (its earlier attempt moved aside).
+All steps share one Ray connection.
 """
 
 from __future__ import annotations
@@ -76,13 +78,16 @@ def resolve(overrides: tuple[str, ...], root: str) -> list[str]:
     return [REF.sub(sub, o) for o in overrides]
 
 
-def step_config(cfg: PipelineConfig, step: PipelineStep):
-    """The validated config of ``step`` with references, run name and output dir filled in."""
+def step_config(cfg: PipelineConfig, step: PipelineStep, again: str | None = None):
+    """The validated config of ``step`` with references, run name and output dir filled in;
+    ``again``: "resume" or "overwrite" for a step an earlier attempt left unfinished."""
     from orchestrator.stages import load_stage
 
     module = load_stage(step.stage)
     root = storage.RunStorage.of(cfg.run.storage, cfg.run.name).root
     overrides = [*resolve(step.overrides, root), f"run.storage={root}", f"run.name={step.name}"]
+    if again is not None:
+        overrides.append(f"run.{again}=true")
     if cfg.cluster.address and "cluster" in module.Config.model_fields:
         overrides.append(f"cluster.address={cfg.cluster.address}")
     return module, load_config(step.config, overrides, model=module.Config)
@@ -92,11 +97,19 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
     """Run every step not completed before; returns the recipe's run directory."""
     from orchestrator import cluster
 
+    from orchestrator import checkpoints, preflight
+
     root = storage.for_run(cfg.run)
-    root.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if cfg.run.resume:
+        if not root.exists("config.yaml"):
+            raise preflight.PreflightError(f"run.resume is set but {root.root} holds no pipeline: nothing to resume; "
+                                           "start without run.resume")
+    else:
+        preflight.claim_run(root, stage="pipeline", resume=False, overwrite=cfg.run.overwrite).take()
     # Validate every step's config before running the first one.
     for step in cfg.pipeline.steps:
         step_config(cfg, step)
+    root.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     total = len(cfg.pipeline.steps)
     for i, step in enumerate(cfg.pipeline.steps, 1):
@@ -106,7 +119,12 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
             if progress is not None:
                 progress(i, total, f"{step.name} ({step.stage}): done before, skipped")
             continue
-        module, step_cfg = step_config(cfg, step)
+        again = None
+        step_run = storage.RunStorage.of(root.root, step.name)
+        if preflight.holds_run(step_run):  # an earlier attempt did not finish
+            resumable = step.stage == "grpo" and checkpoints.CheckpointDir(step_run).latest() is not None
+            again = "resume" if resumable else "overwrite"
+        module, step_cfg = step_config(cfg, step, again)
         if progress is not None:
             progress(i - 1, total, f"{step.name} ({step.stage}) running")
         t0 = time.monotonic()

@@ -115,6 +115,19 @@ def copy_dir(source: str, destination: str) -> None:
     fs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
+def move(source: str, destination: str) -> None:
+    """Rename a folder or file (on a store without renames: copy, then delete)."""
+    if not is_uri(source):
+        os.replace(source, destination)
+        return
+    filesystem_, src = _fs(source)
+    try:
+        filesystem_.move(src, _fs(destination)[1])
+    except (OSError, NotImplementedError):
+        copy_dir(source, destination)
+        filesystem_.delete_dir(src)
+
+
 def copy_file(source: str, destination: str) -> None:
     from pyarrow import fs
 
@@ -199,11 +212,48 @@ class RunStorage:
         return path
 
     def append(self, name: str, text: str) -> None:
+        """Add ``text`` to the end of ``name``; a write that fails (a full disk) is undone,
+        so the file keeps its earlier complete rows."""
         path = self.local / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(text)
+            size = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+            except OSError:
+                f.truncate(size)
+                raise
         self._publish(name)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` (a file or folder) from storage, and the driver's copy; no error
+        when it is absent."""
+        from pyarrow import fs
+
+        local = self.local / name
+        if local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            local.unlink(missing_ok=True)
+        if self.is_uri:
+            filesystem_, path = _fs(self.location(name))
+            kind = filesystem_.get_file_info(path).type
+            if kind == fs.FileType.Directory:
+                filesystem_.delete_dir(path)
+            elif kind == fs.FileType.File:
+                filesystem_.delete_file(path)
+
+    def replace_dir(self, source: str, name: str) -> None:
+        """Make the complete folder ``source`` the folder ``name``: an earlier ``name`` is
+        renamed away first and deleted only once ``source`` took its place."""
+        old = f"{name}.old-{uuid.uuid4().hex[:8]}"
+        had = self.exists(name)
+        if had:
+            move(self.location(name), self.location(old))
+        move(self.location(source), self.location(name))
+        if had:
+            self.remove(old)
 
     def pull(self, name: str) -> Path:
         """The driver's copy of ``name``, fetched from a URI if storage holds it."""
@@ -441,6 +491,8 @@ def check_cluster(run: RunStorage, model_inputs: dict[str, str]) -> None:
 
 def _remove(run: RunStorage, name: str) -> None:
     (run.local / name).unlink(missing_ok=True)
+    if not any(run.local.iterdir()):
+        run.local.rmdir()  # the check made the folder: no run directory before pre-flight passed
     if run.is_uri:
         filesystem, path = _fs(run.location(name))
         try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,30 +55,55 @@ class TaskRow:
     prompt: str
     answer: str
     kind: str = "reasoning"  # prompt type (§2.3.4): reasoning prompts get rule rewards
+    where: str = field(default="", compare=False)  # file:line or row number, for messages
+
+
+@dataclass
+class BadRows:
+    """Rows skipped instead of failing the read: how many, and the first ``keep`` of them
+    (each a message naming the row and the fix)."""
+
+    keep: int = 20
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.first) < self.keep:
+            self.first.append(message)
+
+
+def _bad(bad: BadRows | None, message: str) -> None:
+    """A bad row: an error, or (collecting into ``bad``) counted and skipped."""
+    if bad is None:
+        raise DataError(message)
+    bad.add(message)
 
 
 # -- reading --------------------------------------------------------------------------------
 
-def read_records(path: Path, *, split: str | None = None) -> Iterator[Record]:
-    """The rows of a data path, in file order; each a JSON object (a dict of fields)."""
+def read_records(path: Path, *, split: str | None = None, bad: BadRows | None = None) -> Iterator[Record]:
+    """The rows of a data path, in file order; each a JSON object (a dict of fields). With
+    ``bad``, a JSON line that is not UTF-8, not JSON or not an object is counted there and
+    skipped instead of ending the read."""
     path = Path(path)
     if path.is_dir():
-        yield from _read_dir(path, split)
+        yield from _read_dir(path, split, bad)
         return
     if not path.is_file():
         raise DataError(f"data path {path} does not exist")
     if split is not None:
         log.warning("data.split=%r is ignored for %s: a single file holds one split "
                     "(remove data.split, or point the path at a folder with splits)", split, path)
-    yield from _read_file(path)
+    yield from _read_file(path, bad)
 
 
-def _read_file(path: Path) -> Iterator[Record]:
+def _read_file(path: Path, bad: BadRows | None = None) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_json_lines(path)
+        yield from _read_json_lines(path, bad)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, bad)
     elif suffix == ".parquet":
         yield from _table_records(_load_parquet([path]), str(path))
     else:
@@ -86,21 +111,27 @@ def _read_file(path: Path) -> Iterator[Record]:
                         f"{', '.join(SUFFIXES)} or a folder written by datasets' save_to_disk")
 
 
-def _read_json_lines(path: Path) -> Iterator[Record]:
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one "
-                                    "JSON object") from None
-                yield _as_record(obj, f"{path}:{n}")
-    except UnicodeDecodeError:
-        raise DataError(_not_utf8(path)) from None
+def _read_json_lines(path: Path, bad: BadRows | None = None) -> Iterator[Record]:
+    """Line by line, each decoded on its own, so a bad byte names its line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                _bad(bad, f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                     "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+                continue
+            line = line.removeprefix("\ufeff").strip() if n == 1 else line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                _bad(bad, f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object")
+                continue
+            record = _as_record(obj, f"{path}:{n}", bad)
+            if record is not None:
+                yield record
 
 
 def _not_utf8(path: Path) -> str:
@@ -114,14 +145,14 @@ def _not_utf8(path: Path) -> str:
     return f"{path}: not UTF-8 text; re-save the file as UTF-8"
 
 
-def _read_json(path: Path) -> Iterator[Record]:
+def _read_json(path: Path, bad: BadRows | None = None) -> Iterator[Record]:
     """A ``.json`` file: a JSON array of objects, or JSON lines under another suffix."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(_not_utf8(path)) from None
     if not text.lstrip().startswith("["):
-        yield from _read_json_lines(path)
+        yield from _read_json_lines(path, bad)
         return
     try:
         items = json.loads(text)
@@ -129,19 +160,22 @@ def _read_json(path: Path) -> Iterator[Record]:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); a .json file holds one "
                         "JSON array of objects, or one object a line") from None
     for n, obj in enumerate(items, 1):
-        yield _as_record(obj, f"{path} row {n}")
+        record = _as_record(obj, f"{path} row {n}", bad)
+        if record is not None:
+            yield record
 
 
-def _as_record(obj: Any, where: str) -> Record:
+def _as_record(obj: Any, where: str, bad: BadRows | None = None) -> Record | None:
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: a row must be a JSON object of fields, got a {_json_type(obj)} "
-                        f"{_short(obj)}; write one object a row, e.g. {{\"prompt\": ..., \"answer\": ...}}")
+        _bad(bad, f"{where}: a row must be a JSON object of fields, got a {_json_type(obj)} "
+             f"{_short(obj)}; write one object a row, e.g. {{\"prompt\": ..., \"answer\": ...}}")
+        return None
     return Record(where, obj)
 
 
 # -- folders ------------------------------------------------------------------------------------
 
-def _read_dir(path: Path, split: str | None) -> Iterator[Record]:
+def _read_dir(path: Path, split: str | None, bad: BadRows | None = None) -> Iterator[Record]:
     if (path / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         _check_split(path, split, splits)
@@ -155,7 +189,7 @@ def _read_dir(path: Path, split: str | None) -> Iterator[Record]:
         files = split_files(path)
         _check_split(path, split, sorted(files))
         for file in files[split]:
-            yield from _read_file(file)
+            yield from _read_file(file, bad)
 
 
 def _check_split(path: Path, split: str | None, splits: Sequence[str]) -> None:
@@ -258,23 +292,28 @@ def _short(value: Any, limit: int = 60) -> str:
 # -- task rows ----------------------------------------------------------------------------------
 
 def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answer",
-              kind_key: str = "kind", default_kind: str = "reasoning", split: str | None = None) -> list[TaskRow]:
+              kind_key: str = "kind", default_kind: str = "reasoning", split: str | None = None,
+              bad: BadRows | None = None) -> list[TaskRow]:
     """Rows with a prompt and a reference answer field, from any data path above.
 
     A row may name its prompt type in ``kind_key`` (else ``default_kind``; a null counts as
     absent, as in parquet columns that only some rows fill); rows of a kind other than
-    ``reasoning`` (general prompts, scored by reward models) need no answer.
+    ``reasoning`` (general prompts, scored by reward models) need no answer. With ``bad``,
+    bad rows are counted there and skipped (``read_records``).
     """
     fix = "set data.prompt_key / data.answer_key to the file's field names"
     rows = []
-    for rec in read_records(path, split=split):
-        kind = default_kind if rec.fields.get(kind_key) is None else text(rec, kind_key, setting="data.kind_key")
-        require(rec, (prompt_key, answer_key) if kind == "reasoning" else (prompt_key,), fix=fix)
-        answer = "" if rec.fields.get(answer_key) is None else text(rec, answer_key, setting="data.answer_key",
-                                                                    numbers=True)
-        rows.append(TaskRow(text(rec, prompt_key, setting="data.prompt_key"), answer, kind))
+    for rec in read_records(path, split=split, bad=bad):
+        try:
+            kind = default_kind if rec.fields.get(kind_key) is None else text(rec, kind_key, setting="data.kind_key")
+            require(rec, (prompt_key, answer_key) if kind == "reasoning" else (prompt_key,), fix=fix)
+            answer = "" if rec.fields.get(answer_key) is None else text(rec, answer_key, setting="data.answer_key",
+                                                                        numbers=True)
+            rows.append(TaskRow(text(rec, prompt_key, setting="data.prompt_key"), answer, kind, where=rec.where))
+        except DataError as err:
+            _bad(bad, str(err))
     if not rows:
-        raise DataError(f"{path} holds no rows")
+        raise DataError(f"{path} holds no rows" + (f" that can be used ({bad.count} bad)" if bad and bad.count else ""))
     return rows
 
 

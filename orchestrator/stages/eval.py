@@ -36,7 +36,7 @@ from actors.config import RolloutConfig
 from evaluation.estimators import consensus_correct, mean, mean_pass_at_k
 from learner.batch import ScoredGroup
 from orchestrator import cluster as cluster_mod
-from orchestrator import inputs, storage, supervise
+from orchestrator import inputs, preflight, storage, supervise
 from orchestrator.config import (
     ClusterConfig,
     FrozenModel,
@@ -328,12 +328,12 @@ def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
     cfg, run = prepared.local, prepared.run
     inputs.check_model(cfg.model.path)
     inputs.check_files([s.path for s in cfg.eval.benchmarks], "benchmark file")
+    claim = preflight.fresh_run(run, cfg.run, stage="eval")
     try:
         benchmarks = load_benchmarks(cfg.eval, cfg.rewards)
     except ValueError as err:  # a bad row, named in the message
-        from orchestrator.stages import StageError
-
-        raise StageError(str(err)) from None
+        raise preflight.PreflightError(str(err)) from None
+    claim.take()
     prepared.write_config()
     cluster_mod.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     prepared.check_cluster()

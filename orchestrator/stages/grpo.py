@@ -14,6 +14,7 @@ Generation may run ``grpo.max_staleness_steps`` steps ahead of learning (0: on-p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -30,10 +31,10 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.grpo_role import StepStats
-from orchestrator import checkpoints, cluster, inputs, placement, storage, streaming, supervise
+from orchestrator import checkpoints, cluster, inputs, placement, preflight, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
 from orchestrator.metrics import MetricsLogger, keep_through
-from tasks.data_files import TaskRow, load_rows
+from tasks.data_files import BadRows, DataError, TaskRow, load_rows
 from tasks.templates import render_prompt
 
 log = logging.getLogger(__name__)
@@ -111,35 +112,31 @@ def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[Prom
     return items
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What pre-flight read once for every attempt: the tokenizer and the usable prompts;
+    ``report`` records the rows skipped (``data.skip_bad_rows``), None when none were."""
+
+    tokenizer: object
+    items: list[PromptItem]
+    claim: preflight.Claim
+    report: dict | None = None
+
+
 class GRPOTrainer:
     """One attempt at the stage: the actors, and the driver's state between steps.
     ``restarts``: restarts per role so far in this run (shared across attempts)."""
 
-    def __init__(self, prepared: storage.Prepared, restarts: Counter | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        from orchestrator.stages import StageError
-
+    def __init__(self, prepared: storage.Prepared, inputs_: Inputs, restarts: Counter | None = None) -> None:
         cfg = prepared.local
         self.cfg = cfg
         self.storage = prepared.run
         self.run_dir = prepared.run.local
-        prepared.write_config()
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        try:
-            rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                             kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind, split=cfg.data.split)
-        except ValueError as err:
-            raise StageError(str(err)) from None
-        check_kinds(rows, cfg.rewards)
-        self.items = tokenize_prompts(rows, self.tokenizer, cfg.data.template)
-        try:
-            self.sampler = PromptSampler(self.items, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                                         kind_weights=cfg.data.kind_weights)
-        except ValueError as err:
-            raise StageError(f"{cfg.data.train_path}: {err}") from None
+        self.tokenizer = inputs_.tokenizer
+        self.items = inputs_.items
+        self.sampler = PromptSampler(self.items, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                                     kind_weights=cfg.data.kind_weights)
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-        prepared.check_cluster()
         self.deadlines = supervise.Deadlines.for_grpo(cfg)
         parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * (self.deadlines.generation_s
                                                                     + self.deadlines.scoring_s
@@ -309,6 +306,13 @@ class GRPOTrainer:
         groups generated for later steps (awaited, then stored: they were sampled by older
         policies). Written to a temp folder, renamed once complete (``checkpoints``)."""
         temp = self.checkpoints.begin(step)
+        try:
+            return self._save_checkpoint(step, temp)
+        except BaseException:
+            self.storage.remove(temp)  # a half-written checkpoint (a full disk) frees its space
+            raise
+
+    def _save_checkpoint(self, step: int, temp: str) -> str:
         writers = [self.storage.writer(temp, rank=i) for i in range(len(self.actors.learners))]
         saving = [w.save_checkpoint.remote(where, LEARNER_TAG, publish)
                   for w, (where, publish) in zip(self.actors.learners, writers, strict=True)]
@@ -360,12 +364,7 @@ class GRPOTrainer:
 
     # -- outputs ----------------------------------------------------------------------------
     def save_final(self) -> str:
-        """Learner rank 0 writes the weights, the driver the tokenizer, both into storage."""
-        where, publish = self.storage.writer("final")
-        supervise.await_all([(f"learner {i}", w, w.save_hf.remote(where, publish))
-                             for i, w in enumerate(self.actors.learners)], "saving final/", cluster.READY_S)
-        self.storage.save_pretrained(self.tokenizer, "final")
-        return self.storage.location("final")
+        return cluster.save_final(self.storage, self.actors.learners, self.tokenizer)
 
     def shutdown(self) -> None:
         self.actors.shutdown()
@@ -380,8 +379,53 @@ DATA_INPUTS = ("data.train_path",)
 
 def check_inputs(cfg: GRPOStageConfig) -> None:
     """Fail before any actor starts when the model or data is missing."""
-    inputs.check_model(cfg.model.path)
+    preflight.check_model(cfg.model.path)
+    for i, spec in enumerate(cfg.rewards.reward_models):
+        preflight.check_model(spec.path, f"rewards.reward_models.{i}.path")
     inputs.check_files([cfg.data.train_path], "data.train_path")
+
+
+def prepare_run(prepared: storage.Prepared) -> Inputs:
+    """Pre-flight (``orchestrator.preflight``), before the run directory is touched: the
+    models, the run name, the storage, every data row and prompt length, and whether the
+    cluster can hold the plan. Raises ``StageError`` naming the first problem."""
+    from transformers import AutoTokenizer
+
+    cfg = prepared.local
+    check_inputs(cfg)
+    claim = preflight.claim_run(
+        prepared.run, stage="grpo", resume=cfg.run.resume, overwrite=cfg.run.overwrite,
+        has_checkpoint=lambda: checkpoints.CheckpointDir(prepared.run).latest() is not None)
+    preflight.check_storage(prepared.run, preflight.checkpoint_bytes(cfg.model.path))
+    bad = BadRows()
+    try:
+        rows = load_rows(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
+                         kind_key=cfg.data.kind_key, default_kind=cfg.data.default_kind, split=cfg.data.split, bad=bad)
+    except DataError as err:
+        raise preflight.PreflightError(str(err)) from None
+    total = len(rows) + bad.count
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    items = tokenize_prompts(rows, tokenizer, cfg.data.template)
+    keep = preflight.check_prompt_lengths(items, [r.where for r in rows], max_new_tokens=cfg.rollout.max_new_tokens,
+                                          max_model_len=cfg.rollout.max_model_len, bad=bad)
+    report = preflight.bad_rows(bad, source=str(cfg.data.train_path), total=total, skip=cfg.data.skip_bad_rows)
+    if len(keep) < len(items):
+        rows = [rows[i] for i in keep]
+        items = [dataclasses.replace(items[i], index=j) for j, i in enumerate(keep)]
+    if not items:
+        raise preflight.PreflightError(f"{cfg.data.train_path}: no usable rows are left ({bad.count} bad)")
+    check_kinds(rows, cfg.rewards)
+    try:
+        PromptSampler(items, seed=cfg.run.seed, shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
+    except ValueError as err:
+        raise preflight.PreflightError(f"{cfg.data.train_path}: {err}") from None
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    try:
+        placement.check_fits(placement.grpo_plan(cfg), autoscaling=cfg.cluster.autoscaling)
+    except placement.PlacementError as err:
+        raise preflight.PreflightError(str(err)) from None
+    prepared.check_cluster()
+    return Inputs(tokenizer, items, claim, report)
 
 
 def check_kinds(rows: list[TaskRow], rewards) -> None:
@@ -419,16 +463,20 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
 
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg = prepared.local
-    check_inputs(cfg)
+    ready = prepare_run(prepared)
+    ready.claim.take()
+    prepared.write_config()
+    if ready.report is not None:
+        prepared.run.write_text(preflight.DATA_REPORT, json.dumps(ready.report, indent=2) + "\n")
     ctl = None  # the run's control actor, once connected (after the data checks)
-    term = threading.Event()
-    restore_signals = _stop_on_signals(term)
+    term, training = threading.Event(), threading.Event()
+    restore_signals = _stop_on_signals(term, training)
     restarts: Counter = Counter()
     resume = cfg.run.resume
     try:
         lost_at = None  # when the learner group was last lost
         for attempt in range(cfg.run.max_restarts + 1):
-            trainer = GRPOTrainer(prepared, restarts)
+            trainer = GRPOTrainer(prepared, ready, restarts)
             if lost_at is not None:
                 back = time.monotonic() - lost_at
                 trainer.log_fault({"time": time.time(), "role": "learner", "cause": "every actor started again",
@@ -436,7 +484,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
                 log.warning("every actor started again in %.1f s; resuming", back)
             ctl = ctl or control.start_control(cfg.run.name)
             try:
-                return _attempt(trainer, cfg, resume, ctl, term, progress)
+                return _attempt(trainer, cfg, resume, ctl, term, training, progress)
             except (supervise.LearnerLost, ray.exceptions.RayActorError) as lost:
                 err = _learner_lost(trainer, lost)
                 latest = trainer.checkpoints.latest()
@@ -477,9 +525,11 @@ def _learner_lost(trainer: GRPOTrainer, err: BaseException) -> supervise.Learner
 
 
 def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term: threading.Event,
-             progress) -> Path:
+             training: threading.Event, progress) -> Path:
     """Train with ``trainer`` from its checkpoint (``resume``) or from step 1, to the end or
     to a stop; returns the run directory."""
+    from orchestrator.stages import StageError
+
     metrics = None
     try:
         first = trainer.restore() + 1 if resume else 1
@@ -490,6 +540,7 @@ def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term
             keep_through(trainer.storage, PROMPTS, first - 1)
         else:
             trainer.storage.write_text(PROMPTS, "")
+        training.set()
         stopped = _train(trainer, cfg, first, metrics, progress,
                          lambda: term.is_set() or ray.get(ctl.should_stop.remote(), timeout=cluster.GROUP_S))
         if stopped is not None:
@@ -501,12 +552,37 @@ def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term
                 # rather than SUCCEEDED; do not outwait it for long.
                 term.wait(timeout=120)
             return trainer.run_dir
-        trainer.save_final()
+        try:
+            trainer.save_final()
+        except (supervise.LearnerLost, ray.exceptions.RayActorError):
+            raise  # the learner group restarts and saves again
+        except Exception as err:  # noqa: BLE001 - a full disk, a store refusing: keep the trained state
+            raise StageError(f"saving final/ failed: {supervise.first_line(err)}. "
+                             f"{_keep_trained(trainer, cfg.grpo.steps)}") from None
         ray.get(ctl.mark.remote("finished"))
     finally:
         if metrics is not None:
             metrics.close()
     return trainer.run_dir
+
+
+def _keep_trained(trainer: GRPOTrainer, last: int) -> str:
+    """After ``final/`` failed: a checkpoint of the last step, if none is there yet and one
+    can be written; says what holds the trained state and what a resume will do."""
+    latest = trainer.checkpoints.latest()
+    if latest is None or latest.step < last:
+        try:
+            trainer.save_checkpoint(last)
+        except Exception as err:  # noqa: BLE001 - the same full disk, most likely
+            log.error("the checkpoint of step %d could not be written either: %s", last, supervise.first_line(err))
+        latest = trainer.checkpoints.latest()
+    if latest is None:
+        return "No checkpoint could be written: the trained weights are lost"
+    where = trainer.storage.location(latest.path)
+    if latest.step == last:
+        return f"The trained state is in {where}; once there is room, run.resume=true writes final/ alone"
+    return (f"The newest checkpoint is {where} (step {latest.step} of {last}); once there is room, run.resume=true "
+            f"trains steps {latest.step + 1}-{last} again and writes final/")
 
 
 def _train(trainer: GRPOTrainer, cfg: GRPOStageConfig, first: int, metrics: MetricsLogger, progress,
@@ -529,14 +605,15 @@ def _train(trainer: GRPOTrainer, cfg: GRPOStageConfig, first: int, metrics: Metr
     return None
 
 
-def _stop_on_signals(term: threading.Event):
+def _stop_on_signals(term: threading.Event, training: threading.Event):
     """SIGTERM and Ctrl-C set ``term`` (stop at the next step boundary, with a checkpoint);
-    a second Ctrl-C raises ``KeyboardInterrupt`` at once. Returns what undoes this."""
+    a second Ctrl-C, or one before training began (nothing to save yet), raises
+    ``KeyboardInterrupt`` at once. Returns what undoes this."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def interrupt(*_) -> None:
-        if term.is_set():
+        if term.is_set() or not training.is_set():
             raise KeyboardInterrupt
         term.set()
         log.warning("stopping after this step with a checkpoint (Ctrl-C again to exit at once, losing the step)")

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from actors.config import RolloutConfig
 from evaluation.filters import REASONS, ReadabilityRules, select
-from orchestrator import cluster, inputs, storage, supervise
+from orchestrator import cluster, inputs, preflight, storage, supervise
 from orchestrator.config import (
     ClusterConfig,
     DataConfig,
@@ -110,13 +110,13 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
     cfg, run = prepared.local, prepared.run
     inputs.check_model(cfg.model.path)
     inputs.check_files([cfg.data.train_path], "data.train_path")
+    claim = preflight.fresh_run(run, cfg.run, stage="sample")
     s = cfg.sample
     try:
         bench = load_prompts(cfg)
     except ValueError as err:  # a bad row, named in the message
-        from orchestrator.stages import StageError
-
-        raise StageError(str(err)) from None
+        raise preflight.PreflightError(str(err)) from None
+    claim.take()
     prepared.write_config()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from learner.config import LearnerConfig
-from orchestrator import cluster, storage, supervise
+from orchestrator import cluster, inputs, preflight, storage, supervise
 from orchestrator.config import ClusterConfig, FrozenModel, LoggingConfig, ModelConfig, RunConfig
 from orchestrator.metrics import MetricsLogger
 from tasks.data_files import DataError, load_pairs
@@ -107,9 +107,12 @@ def run(cfg: Config, progress=None) -> Path:
 
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg, run = prepared.local, prepared.run
-    prepared.write_config()
+    inputs.check_model(cfg.model.path)
+    claim = preflight.fresh_run(run, cfg.run, stage="sft", need=preflight.checkpoint_bytes(cfg.model.path))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     examples, too_long = load_examples(cfg, tokenizer)
+    claim.take()
+    prepared.write_config()
     if too_long:
         log.warning("dropped %d examples longer than sft.max_seq_tokens=%d", too_long, cfg.sft.max_seq_tokens)
     steps_per_epoch = len(examples) // cfg.sft.sequences_per_step
@@ -152,10 +155,7 @@ def run(cfg: Config, progress=None) -> Path:
                 metrics.log(record)
                 if progress is not None:
                     progress(step, total, f"epoch {epoch + 1}  loss {nll:.4f}  ppl {math.exp(min(nll, 50)):.2f}")
-        where, publish = run.writer("final")
-        supervise.await_all([(f"learner {i}", w, w.save_hf.remote(where, publish)) for i, w in enumerate(workers)],
-                            "saving final/", cluster.READY_S)
-        run.save_pretrained(tokenizer, "final")
+        cluster.save_final(run, workers, tokenizer)
     finally:
         metrics.close()
         actors.shutdown()

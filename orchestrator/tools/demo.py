@@ -104,12 +104,14 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
     if not (r1zero / "final" / "model.safetensors").exists():
         _say(progress, "R1-Zero: GRPO from the base model")
         grpo.run(load_config(CONFIGS / "grpo.yaml", [
-            *common, "run.name=r1zero", f"model.path={paths['base']}", f"data.train_path={data / 'train.jsonl'}",
+            *common, "run.name=r1zero", "run.overwrite=true", f"model.path={paths['base']}",
+            f"data.train_path={data / 'train.jsonl'}",
             "cluster.learner_workers=1", *steps]))
 
     # R1: the multi-stage pipeline.
     _say(progress, "R1: cold start → reasoning RL → rejection sampling (+ non-reasoning data) → SFT → RL")
-    recipe = load_config(CONFIGS / "pipeline_r1.yaml", [f"run.storage={demo_dir}", "run.name=r1"],
+    again = ["run.resume=true"] if (demo_dir / "r1" / "config.yaml").exists() else []
+    recipe = load_config(CONFIGS / "pipeline_r1.yaml", [f"run.storage={demo_dir}", "run.name=r1", *again],
                          model=pipeline.Config)
     extra = {"cold_start": [f"model.path={paths['base']}", f"data.train_path={data / 'cold_start.jsonl'}"],
              "reasoning_rl": [f"data.train_path={data / 'train.jsonl'}", *steps],
@@ -130,7 +132,8 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
         if not (demo_dir / name / "final" / "model.safetensors").exists():
             _say(progress, f"distillation: {name}")
             sft.run(load_config(CONFIGS / "sft_cold_start.yaml", [
-                *common, f"run.name={name}", f"model.path={paths['student']}", f"data.train_path={train}",
+                *common, f"run.name={name}", "run.overwrite=true", f"model.path={paths['student']}",
+                f"data.train_path={train}",
                 "data.template=none", "sft.epochs=3"], model=sft.Config))
 
     # Evaluate every checkpoint on the held-out split.
