@@ -91,15 +91,20 @@ def _run_failed(err: BaseException, stage: str, config: Path, overrides: list[st
     from orchestrator import failures
     from orchestrator.preflight import PreflightError
 
+    if isinstance(err, PreflightError):  # the message is the whole story; nothing was started
+        if verbose:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        raise typer.Exit(2)
     logged = failures.log_traceback(err, cfg, since)
     if verbose:
         console.print_exception()
     console.print(f"[bold red]error:[/] {failures.what_failed(err)}", soft_wrap=True)
-    after = None if isinstance(err, PreflightError) else failures.saved_and_next(stage, config, overrides, cfg, since)
+    after = failures.saved_and_next(stage, config, overrides, cfg, since)
     if after is not None:
         console.print(after[0], soft_wrap=True)
         console.print(f"{after[1]}  [dim](traceback: {logged})[/]", soft_wrap=True)
-    elif not isinstance(err, PreflightError):
+    else:
         console.print(f"[dim]traceback: {logged}[/]", soft_wrap=True)
     from orchestrator.stages import StageError
 

@@ -62,7 +62,7 @@ def written_since(run, since: float) -> bool:
 
     filesystem, path = storage.filesystem(run.location("config.yaml"))
     info = filesystem.get_file_info(path)
-    return info.mtime is not None and info.mtime.timestamp() >= since - 1
+    return info.mtime is not None and info.mtime.timestamp() >= since
 
 
 def saved_and_next(stage: str, config: Path, overrides: list[str], cfg,

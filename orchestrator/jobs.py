@@ -451,7 +451,7 @@ def resume(c, job: JobInfo) -> str:
                            "there is no checkpoint to resume from")
     if job.active:
         raise RuntimeError(f"run {job.run!r} is still {job.status}; stop it first with `r1lab stop {job.run}`")
-    entry = job.entrypoint
+    entry = re.sub(r"\s+run\.overwrite=\S+", "", job.entrypoint)  # the run it moved aside is not this one
     if "run.resume=true" not in entry:
         entry += " run.resume=true"
     details = c.get_job_info(job.job_id)

@@ -240,8 +240,8 @@ def unplaceable(p: PlacementPlan, nodes: Sequence[dict[str, float]]) -> list[str
     for key, amount in sorted(_sum(*by_role.values()).items()):
         if amount > total.get(key, 0) + 1e-9:
             parts = ", ".join(f"{role} {r[key]:g}" for role, r in by_role.items() if r.get(key))
-            problems.append(f"{amount:g} {key} ({parts}) but the cluster's {len(nodes)} nodes have "
-                            f"{total.get(key, 0):g}")
+            nodes_have = "1 node has" if len(nodes) == 1 else f"{len(nodes)} nodes have"
+            problems.append(f"{amount:g} {key} ({parts}) but the cluster's {nodes_have} {total.get(key, 0):g}")
     for b in p.bundles:
         if not any(fits(b.resources, n) for n in nodes):
             problems.append(f"a {b.role} bundle of {b.resources}, which no single node holds")

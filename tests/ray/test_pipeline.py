@@ -42,8 +42,13 @@ pipeline:
     assert str(run_dir / "warm" / "final") in rl_cfg
     metrics_before = (run_dir / "rl" / "metrics.jsonl").read_text()
 
+    from orchestrator.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match=r"already holds a run; continue it with run.resume=true"):
+        pipeline.run(cfg)  # the same name again, without saying what to do with the first
     messages.clear()
-    pipeline.run(cfg, progress=lambda d, t, info: messages.append(info))
+    again = cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+    pipeline.run(again, progress=lambda d, t, info: messages.append(info))
     assert sum("skipped" in m for m in messages) == 2
     assert (run_dir / "rl" / "metrics.jsonl").read_text() == metrics_before
 
