@@ -13,7 +13,7 @@ demo: setup
 	.venv/bin/r1lab demo
 
 test: setup
-	$(PY) -m pytest -m "not gpu" -q tests
+	$(PY) -m pytest -m "not gpu" -q --durations=30 tests
 
 test-unit: setup
 	$(PY) -m pytest -m unit -q tests

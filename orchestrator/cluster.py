@@ -35,7 +35,9 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env = {"env_vars": env} if env else None
     if target:
-        ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
+        from orchestrator.jobs import init_quietly
+
+        init_quietly(address=target, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=placement.local_cpus(num_cpus), runtime_env=runtime_env,
                  log_to_driver=True)

@@ -36,9 +36,11 @@ def tokenize(questions: Sequence[str], references: Sequence[str], tokenizer, tem
 
 
 def check_lengths(items: Sequence[PromptItem], max_new_tokens: int, max_model_len: int, what: str) -> None:
+    from orchestrator.preflight import PreflightError
+
     longest = max(len(p.prompt_ids) for p in items)
     if longest + max_new_tokens > max_model_len:
-        raise ValueError(f"{what}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+        raise PreflightError(f"{what}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
                          f"exceeds rollout.max_model_len ({max_model_len}); raise rollout.max_model_len "
                          "or lower max_new_tokens")
 

@@ -134,20 +134,17 @@ def _is_dashboard(host: str, port: int) -> bool:
         return False
 
 
-def _driver_dashboard(address: str) -> str:
-    """Connect a driver to ``address`` for a moment and return the dashboard URL the cluster
-    reports (``RayContext.dashboard_url``), without a scheme."""
-    import logging
-
+def init_quietly(**kwargs):
+    """``ray.init(**kwargs)`` joining an existing cluster. Ray's C++ client logs every failed
+    attempt to stderr (an auth failure: one line a second for 20 s): that is kept out of the
+    console, and read for the cause: a refused token raises ConnectionError saying so."""
     import ray
 
-    # Ray's C++ client logs every failed attempt to stderr (an auth failure: one line a
-    # second for 20 s): kept out of the console, and read for the cause.
     with tempfile.TemporaryFile() as caught:
         saved = os.dup(2)
         os.dup2(caught.fileno(), 2)
         try:
-            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            return ray.init(**kwargs)
         except Exception as err:
             caught.seek(0)
             if b"Unauthenticated" in caught.read():
@@ -157,6 +154,16 @@ def _driver_dashboard(address: str) -> str:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _driver_dashboard(address: str) -> str:
+    """Connect a driver to ``address`` for a moment and return the dashboard URL the cluster
+    reports (``RayContext.dashboard_url``), without a scheme."""
+    import logging
+
+    import ray
+
+    context = init_quietly(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
         return context.dashboard_url or ""
     finally:

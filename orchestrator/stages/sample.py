@@ -116,15 +116,14 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
         bench = load_prompts(cfg)
     except ValueError as err:  # a bad row, named in the message
         raise preflight.PreflightError(str(err)) from None
-    claim.take()
-    prepared.write_config()
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     texts = [render_prompt(r.prompt, cfg.data.template, tokenizer) for r in bench.rows]
     items = inputs.tokenize([r.prompt for r in bench.rows], [r.reference for r in bench.rows], tokenizer,
                             cfg.data.template)
     max_new = s.max_new_tokens or cfg.rollout.max_new_tokens
     inputs.check_lengths(items, max_new, cfg.rollout.max_model_len, f"data {cfg.data.train_path}")
+    claim.take()
+    prepared.write_config()
     grading = inputs.rewards_for(bench.reward, cfg.rewards)
 
     done = 0
