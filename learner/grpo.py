@@ -33,6 +33,7 @@ __all__ = [
     "clipped_surrogate",
     "group_advantages",
     "grpo_loss",
+    "importance_weights",
     "k3_kl",
     "logprob_gap",
     "masked_mean",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+IS_MODES = ("none", "tis", "mis", "icepop", "geo_mask")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -240,6 +242,86 @@ def clipped_surrogate(
     """
     loss, clip_active, _ = _surrogate_parts(logp, old_logp, advantages, clip_eps_low, clip_eps_high)
     return loss, clip_active
+
+
+# --------------------------------------------------------------------------- off-policy correction
+
+
+def importance_weights(
+    proximal_logp: Tensor,
+    behaviour_logp: Tensor,
+    mask: Tensor,
+    *,
+    mode: str,
+    cap: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-token weights that correct for samples drawn by another policy than the one the
+    update is taken around: the rollout engine's (``behaviour_logp``: its log-probs of the
+    sampled tokens, older weights when generation ran ahead, and another numeric stack even
+    on the same weights) versus the learner's (``proximal_logp``: the learner's log-probs
+    of the same tokens before this update, detached). ``[N, T]`` each, ``mask`` ``[N, T]``.
+
+    With ``ρ_t = π_prox(o_t) / π_behav(o_t)`` per token, the modes are:
+
+    - ``"none"``: every weight 1 (on-policy runs: the engine and the learner agree to ~1e-6
+      in fp32, see ``logprob_gap``);
+    - ``"tis"``: truncated IS, ``w_t = min(ρ_t, cap)`` (Yao et al. 2025, "Your efficient RL
+      framework secretly brings you off-policy RL training"): unbiased up to the truncation,
+      variance bounded by ``cap``;
+    - ``"mis"``: sequence-level masked IS: a sequence whose geometric-mean ratio
+      ``exp(mean_t log ρ_t)`` exceeds ``cap`` is dropped (all its weights 0); the tokens of
+      the others get ``min(ρ_t, cap)``. The geometric mean, not the product, so that the
+      test does not depend on the length (a product over thousands of tokens is 0 or ∞);
+    - ``"icepop"``: two-sided token masking (IcePop, Ling team 2025): ``w_t = ρ_t`` where
+      ``low <= ρ_t <= high``, else 0, so tokens the two stacks disagree on most give no
+      gradient at all instead of a clipped one;
+    - ``"geo_mask"``: two-sided sequence masking by the geometric-mean ratio: a sequence
+      outside ``[low, high]`` is dropped, the others weigh 1 (rejection without reweighting).
+
+    Why the default is TIS for runs that generate ahead (``grpo.max_staleness_steps > 0``)
+    and none on-policy: generating ahead makes ``π_behav`` older than the learner by up to
+    that many updates, and the clipped ratio ``π_θ/π_behav`` then clips most tokens of a
+    stale sample. Taking the PPO ratio around the learner's own pre-update policy (AReaL's
+    decoupled PPO) keeps the trust region where the update happens, and the truncated
+    weight carries the rest of the correction with bounded variance; the masking modes trade
+    a little bias (dropped tokens) for no large weights at all, which long traces with rare
+    large mismatches may prefer.
+
+    Returns ``(weights [N, T], kept [N, T] bool)``, both detached; masked-out positions of
+    ``mask`` get weight 0 and ``kept`` False. ``kept`` marks the tokens not masked by the
+    correction (for the ``masked_frac`` metric).
+    """
+    _check_same_shape(proximal_logp=proximal_logp, behaviour_logp=behaviour_logp, mask=mask)
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown off-policy correction {mode!r}; choose one of {IS_MODES}")
+    if not cap >= 1.0:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    if not 0.0 < low <= 1.0 <= high:
+        raise ValueError(f"need 0 < low <= 1 <= high, got low={low}, high={high}")
+    with torch.no_grad():
+        keep = mask.bool()  # [N, T]
+        dtype = _compute_dtype(proximal_logp)
+        zero = torch.zeros((), dtype=dtype, device=proximal_logp.device)
+        log_ratio = torch.where(keep, proximal_logp.to(dtype) - behaviour_logp.to(dtype), zero)  # [N, T]
+        ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))  # [N, T]
+        if mode == "none":
+            weights = torch.ones_like(ratio)  # [N, T]
+        elif mode == "tis":
+            weights = ratio.clamp(max=cap)  # [N, T]
+        elif mode == "icepop":
+            weights = torch.where((ratio >= low) & (ratio <= high), ratio, zero)  # [N, T]
+        else:
+            tokens = keep.sum(dim=1).clamp(min=1).to(dtype)  # [N]
+            geo = torch.exp((log_ratio.sum(dim=1) / tokens).clamp(-20.0, 20.0)).unsqueeze(1)  # [N, 1]
+            if mode == "mis":
+                weights = torch.where(geo <= cap, ratio.clamp(max=cap), zero)  # [N, T]
+            else:  # geo_mask
+                weights = torch.where((geo >= low) & (geo <= high), torch.ones_like(ratio), zero)  # [N, T]
+        weights = torch.where(keep, weights, zero)  # [N, T]
+        kept = keep & (weights > 0)  # [N, T]
+    return weights, kept
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -445,6 +527,7 @@ def grpo_loss(
     num_tokens: int | None,
     max_tokens: int | None = None,
     kl_log_ratio_clip: float | None = 20.0,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, GRPOMetrics]:
     """The GRPO loss, ``-J`` of DeepSeek-R1 eq. 1, for one micro-batch.
 
@@ -461,6 +544,9 @@ def grpo_loss(
     ``agg_mode``, ``num_sequences``, ``num_tokens``, ``max_tokens``: see ``aggregate``;
     the normalisers count the whole optimizer batch, over micro-batches and ranks.
     ``kl_log_ratio_clip``: see ``k3_kl``.
+    ``is_weights``: ``[N, T]`` detached off-policy weights (``importance_weights``) that
+    multiply each token's surrogate (not the KL term, which is taken under the current
+    policy); None: all 1. ``old_logp`` is then the learner's own pre-update log-probs.
 
     Returns ``(loss, GRPOMetrics)``; the metrics are detached sums over masked tokens.
     """
@@ -473,6 +559,11 @@ def grpo_loss(
     surrogate, clip_active, ratio = _surrogate_parts(
         logp, old_logp, advantages, clip_eps_low, clip_eps_high
     )  # [N, T] each
+    if is_weights is not None:
+        _check_same_shape(logp=logp, is_weights=is_weights)
+        if is_weights.requires_grad:
+            raise ValueError("is_weights must be detached: they weigh tokens, they are not trained")
+        surrogate = surrogate * is_weights.to(surrogate.dtype)  # [N, T]
     per_token = surrogate  # [N, T]
     kl = None
     if ref_logp is not None:

@@ -83,8 +83,9 @@ def saved_and_next(stage: str, config: Path, overrides: list[str], cfg,
     if latest is not None:
         return (f"saved: checkpoint {run.location(latest.path)} (step {latest.step})",
                 f"continue: {base} run.resume=true")
-    done = "final/ and " if run.exists("final") else ""
-    return (f"saved: {done}the records so far in {run.root}, no checkpoint",
+    rows = len((run.read_text("metrics.jsonl") or "").splitlines())
+    kept = [*(["final/"] if run.exists("final") else []), *([f"the metrics of {rows} steps"] if rows else [])]
+    return (f"saved: {' and '.join(kept) or 'only config.yaml'} in {run.root}, no checkpoint",
             f"start again: {base} run.overwrite=true (moves this run aside to <name>{preflight.REPLACED}<time>)")
 
 

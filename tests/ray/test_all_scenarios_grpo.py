@@ -42,6 +42,6 @@ def test_grpo_mixes_rule_rewards_and_reward_models(ray_local, tiny_model, tmp_pa
     # General prompts that nothing scores are refused before any actor starts.
     bad = load_config(ROOT / "configs/demo/grpo_all.yaml", [*overrides, "rewards.reward_models=[]",
                                                              "rewards.rewards.1.kinds=[reasoning]",
-                                                             "rewards.rewards.2.kinds=[reasoning]"])
+                                                             "rewards.rewards.2.kinds=[reasoning]", "run.name=unscored"])
     with pytest.raises(StageError, match="kind 'general'.*no reward scores them"):
         grpo.run(bad)
