@@ -48,3 +48,9 @@ class GRPOLossConfig(BaseModel):
         "seq_mean_token_mean"
     )
     updates_per_batch: int = Field(default=1, ge=1, description="μ: optimisation passes per batch")
+    off_policy_correction: Literal["auto", "none", "tis", "mis", "icepop", "geo_mask"] = Field(
+        default="auto", description="weights for samples the rollout engine drew with other weights or another "
+        "numeric stack (learner/grpo.py importance_weights); auto: tis when grpo.max_staleness_steps > 0, else none")
+    is_cap: float = Field(default=2.0, ge=1, description="tis/mis: the largest importance weight")
+    is_low: float = Field(default=0.5, gt=0, le=1, description="icepop/geo_mask: the lowest ratio kept")
+    is_high: float = Field(default=2.0, ge=1, description="icepop/geo_mask: the highest ratio kept")

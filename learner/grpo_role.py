@@ -55,6 +55,10 @@ class StepStats:
     staleness_sum: float = 0.0
     gap_sum: float = 0.0
     gap_tokens: float = 0.0
+    is_weight_sum: float = 0.0  # off-policy correction: Σ weights over response tokens
+    is_weight_max: float = 0.0
+    is_masked: float = 0.0  # response tokens the correction gave weight 0
+    is_tokens: float = 0.0
     kl_sum: float = 0.0
     clip_count: float = 0.0
     loss_tokens: float = 0.0
@@ -70,6 +74,8 @@ class StepStats:
     grad_norm: float = 0.0
     # component name -> [sum, count] (reward-model scores, reported as reward/<name>)
     components: dict[str, list[float]] = field(default_factory=dict)
+    # policy-version lag of the sample -> [Σ |rollout - learner| log-prob, tokens]
+    gap_by_lag: dict[int, list[float]] = field(default_factory=dict)
 
     def count(self, g: ScoredGroup, version: int) -> None:
         """Add one group's rewards and shape; ``version`` is the learner's policy version."""
@@ -102,10 +108,10 @@ class StepStats:
         out = StepStats()
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name == "components":
+            if f.name in ("components", "gap_by_lag"):
                 combined = {k: [x + y for x, y in zip(a.get(k, [0.0, 0.0]), b.get(k, [0.0, 0.0]), strict=True)]
                             for k in a.keys() | b.keys()}
-            elif f.name.endswith("seconds") or f.name == "grad_norm":
+            elif f.name.endswith("seconds") or f.name in ("grad_norm", "is_weight_max"):
                 combined = max(a, b)  # ranks run in parallel, the step takes the slowest
             else:
                 combined = a + b
@@ -136,6 +142,9 @@ class StepStats:
             "learner_tokens_per_s": div(self.response_tokens, self.learner_seconds),
             "grad_norm": self.grad_norm,
             **{f"reward/{k}": div(total, n) for k, (total, n) in sorted(self.components.items())},
+            **({"is_weight_mean": div(self.is_weight_sum, self.is_tokens), "is_weight_max": self.is_weight_max,
+                "is_masked_frac": div(self.is_masked, self.is_tokens)} if self.is_tokens else {}),
+            **{f"logprob_gap/lag{k}": div(total, n) for k, (total, n) in sorted(self.gap_by_lag.items())},
         }
 
 
@@ -183,6 +192,7 @@ class GRPOLearner(LearnerRank):
         self._weight_group = None
         self._weight_spec: WeightSpec | None = None
         self._push_buffers: list[torch.Tensor] | None = None
+        self._proximal: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (log-probs, IS weights)
 
     def _engine_shape(self) -> EngineShape:
         micro = self.config.micro_batch_groups
@@ -251,6 +261,7 @@ class GRPOLearner(LearnerRank):
                 for batch in batches:
                     self._backward(batch, stats, num_sequences, num_tokens, first_pass=(p == 0))
             stats.grad_norm = self.engine.grad_norm()
+        self._proximal.clear()
         compute += time.monotonic() - t0
         stats.learner_seconds = compute
         self.version += 1
@@ -266,11 +277,29 @@ class GRPOLearner(LearnerRank):
             n_tok = float(b.loss_mask.sum())
             stats.gap_sum += float(gap) * n_tok
             stats.gap_tokens += n_tok
+            self._gap_by_lag(stats, logp.detach(), b)
+        old_logp, weights = b.old_logprobs, None
+        if cfg.off_policy_correction != "none":
+            # Decoupled PPO: the ratio is taken around the learner's own log-probs before
+            # this update (kept from the first pass), and the rollout's sampling policy is
+            # corrected for by the importance weights.
+            if first_pass:
+                proximal = logp.detach()  # [N, T]
+                weights, kept = grpo.importance_weights(
+                    proximal, b.old_logprobs, b.loss_mask, mode=cfg.off_policy_correction, cap=cfg.is_cap,
+                    low=cfg.is_low, high=cfg.is_high)  # [N, T] each
+                self._proximal[id(batch)] = (proximal, weights)
+                mask = b.loss_mask.bool()  # [N, T]
+                stats.is_weight_sum += float(weights[mask].sum())
+                stats.is_weight_max = max(stats.is_weight_max, float(weights[mask].max()) if mask.any() else 0.0)
+                stats.is_masked += float((mask & ~kept).sum())
+                stats.is_tokens += float(mask.sum())
+            old_logp, weights = self._proximal[id(batch)]
         loss, m = grpo.grpo_loss(
-            logp, b.old_logprobs, b.ref_logprobs, b.advantages, b.loss_mask,
+            logp, old_logp, b.ref_logprobs, b.advantages, b.loss_mask,
             beta=cfg.kl_coef, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
             agg_mode=cfg.loss_aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
-            max_tokens=self.max_new_tokens, kl_log_ratio_clip=cfg.kl_log_ratio_clip,
+            max_tokens=self.max_new_tokens, kl_log_ratio_clip=cfg.kl_log_ratio_clip, is_weights=weights,
         )
         if first_pass:
             stats.loss_tokens += float(m.token_count)
@@ -279,6 +308,17 @@ class GRPOLearner(LearnerRank):
             if not math.isnan(float(m.kl_sum)):
                 stats.kl_sum += float(m.kl_sum)
         self.engine.backward_step(loss)
+
+    def _gap_by_lag(self, stats: StepStats, logp: torch.Tensor, b: TrainBatch) -> None:
+        """|rollout - learner| log-prob per token, by how many versions behind the learner
+        each sample's policy was (0: the same weights: what is left is numerics)."""
+        mask = b.loss_mask.bool()  # [N, T]
+        diff = torch.where(mask, (logp - b.old_logprobs).abs(), torch.zeros((), device=logp.device))  # [N, T]
+        for lag in sorted(set((self.version - b.policy_versions).tolist())):
+            rows = (self.version - b.policy_versions) == lag  # [N]
+            total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
+            total[0] += float(diff[rows].sum())
+            total[1] += float(mask[rows].sum())
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
         return collate(groups, [group_advantages_of(g, self.loss) for g in groups], self.engine.pad_id)

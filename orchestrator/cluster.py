@@ -117,7 +117,8 @@ class StageParts:
         """From a ``GRPOStageConfig``: rollout, reward, reference and reward-model actors
         are restarted by Ray up to ``run.max_restarts`` times (``orchestrator.supervise``
         redoes their lost work); learner ranks are not (the group restarts as a whole)."""
-        learners = GRPOLearners(cfg.learner, cfg.loss, cfg.rollout.temperature, cfg.groups_per_rank,
+        loss = cfg.loss.model_copy(update={"off_policy_correction": cfg.off_policy_correction})
+        learners = GRPOLearners(cfg.learner, loss, cfg.rollout.temperature, cfg.groups_per_rank,
                                 cfg.grpo.samples_per_prompt, cfg.rollout.max_new_tokens, group_wait_s=group_wait_s)
         return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,

@@ -211,6 +211,15 @@ class GRPOStageConfig(_Frozen):
         return self
 
     @property
+    def off_policy_correction(self) -> str:
+        """``loss.off_policy_correction`` with ``auto`` decided: TIS when generation runs
+        ahead of learning, none on-policy."""
+        mode = self.loss.off_policy_correction
+        if mode == "auto":
+            return "tis" if self.grpo.max_staleness_steps > 0 else "none"
+        return mode
+
+    @property
     def groups_per_rank(self) -> int:
         return self.grpo.prompts_per_step // self.cluster.learner_workers
 

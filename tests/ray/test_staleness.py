@@ -31,3 +31,11 @@ def test_one_step_ahead_gives_staleness_one(ray_local, tiny_model, tmp_path):
     # Reward bookkeeping reaches metrics.jsonl through StepStats.finalize.
     assert all({"reward_errors", "reward_timeouts", "reward_ungradable", "ungradable_groups"} <= r.keys() for r in rows)
     assert (run_dir / "final" / "model.safetensors").exists()
+    # Generating ahead turns the off-policy correction on (loss.off_policy_correction=auto:
+    # TIS): weights are recorded, and the log-prob gap is split by version lag. A sample of
+    # the current weights differs only by numerics.
+    seen = [(r["is_weight_mean"], r["is_weight_max"], r["is_masked_frac"]) for r in rows]
+    assert all(0 < mean <= top <= 2.0 and masked == 0 for mean, top, masked in seen), seen
+    assert rows[0]["logprob_gap/lag0"] < 1e-4 and "logprob_gap/lag1" not in rows[0]
+    gaps = [{k for k in r if k.startswith("logprob_gap/")} for r in rows]
+    assert gaps == [{"logprob_gap/lag0"}] + [{"logprob_gap/lag1"}] * 3, gaps
