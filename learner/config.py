@@ -51,6 +51,16 @@ class GRPOLossConfig(BaseModel):
     off_policy_correction: Literal["auto", "none", "tis", "mis", "icepop", "geo_mask"] = Field(
         default="auto", description="weights for samples the rollout engine drew with other weights or another "
         "numeric stack (learner/grpo.py importance_weights); auto: tis when grpo.max_staleness_steps > 0, else none")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(default="k3", description="Schulman's estimator of "
+                                                    "KL(π_θ || π_ref); the paper's eq. 2 is k3")
+    kl_in: Literal["loss", "reward"] = Field(default="loss", description="loss: β·KL per token in the loss "
+                                             "(DeepSeekMath, the paper); reward: β·Σ_t KL subtracted from each "
+                                             "response's reward before the group advantages (PPO-RLHF style)")
+    overlong: Literal["none", "mask", "penalty"] = Field(
+        default="none", description="responses cut at rollout.max_new_tokens: mask drops them from the loss "
+        "(DAPO's over-long filtering); penalty adds DAPO's soft over-long punishment to their reward")
+    overlong_buffer_tokens: int = Field(default=0, ge=0, description="penalty: the last this many tokens of "
+                                        "the budget ramp the penalty from 0 to -1 (0: a quarter of the budget)")
     is_cap: float = Field(default=2.0, ge=1, description="tis/mis: the largest importance weight")
     is_low: float = Field(default=0.5, gt=0, le=1, description="icepop/geo_mask: the lowest ratio kept")
     is_high: float = Field(default=2.0, ge=1, description="icepop/geo_mask: the highest ratio kept")

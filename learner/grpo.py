@@ -35,6 +35,8 @@ __all__ = [
     "grpo_loss",
     "importance_weights",
     "k3_kl",
+    "kl_estimate",
+    "overlong_penalty",
     "logprob_gap",
     "masked_mean",
     "token_logprobs",
@@ -42,6 +44,7 @@ __all__ = [
 
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 IS_MODES = ("none", "tis", "mis", "icepop", "geo_mask")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -184,6 +187,43 @@ def k3_kl(logp: Tensor, ref_logp: Tensor, *, log_ratio_clip: float | None = 20.0
             raise ValueError(f"log_ratio_clip must be > 0 or None, got {log_ratio_clip}")
         log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)  # [N, T]
     return torch.expm1(log_ratio) - log_ratio  # [N, T]
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3",
+                log_ratio_clip: float | None = 20.0) -> Tensor:
+    """Per-token estimate of KL(π_θ || π_ref) from the sampled tokens' log-probs, by one of
+    Schulman's estimators, with ``x = ref_logp - logp`` (clamped as in ``k3_kl``):
+
+    - ``"k1"``: ``-x = log π_θ/π_ref``: unbiased, high variance, can be negative per token
+      (the PPO-RLHF reward penalty);
+    - ``"k2"``: ``x²/2``: biased (its gradient is that of a squared log-ratio), low variance,
+      never negative;
+    - ``"k3"``: ``e^x - x - 1``: unbiased and never negative (DeepSeek-R1 eq. 2; ``k3_kl``).
+
+    ``logp``, ``ref_logp``: ``[N, T]``; returns ``[N, T]``.
+    """
+    if estimator == "k3":
+        return k3_kl(logp, ref_logp, log_ratio_clip=log_ratio_clip)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    _check_same_shape(logp=logp, ref_logp=ref_logp)
+    dtype = _compute_dtype(logp)
+    x = ref_logp.to(dtype) - logp.to(dtype)  # [N, T]
+    if log_ratio_clip is not None:
+        x = x.clamp(-log_ratio_clip, log_ratio_clip)  # [N, T]
+    return -x if estimator == "k1" else 0.5 * x * x  # [N, T]
+
+
+def overlong_penalty(lengths: Tensor, *, max_tokens: int, buffer: int) -> Tensor:
+    """DAPO's soft over-long punishment (Yu et al. 2025, eq. 13), added to a response's
+    reward: 0 up to ``max_tokens - buffer`` tokens, then falling linearly to -1 at
+    ``max_tokens`` (and -1 beyond). ``lengths``: ``[N]`` response tokens; returns ``[N]``.
+    """
+    if not 0 < buffer <= max_tokens:
+        raise ValueError(f"need 0 < buffer <= max_tokens, got buffer={buffer}, max_tokens={max_tokens}")
+    free = max_tokens - buffer
+    over = (lengths.to(torch.float32) - free).clamp(min=0.0)  # [N]
+    return -(over / buffer).clamp(max=1.0)  # [N]
 
 
 # --------------------------------------------------------------------------- eq. 1
@@ -528,6 +568,7 @@ def grpo_loss(
     max_tokens: int | None = None,
     kl_log_ratio_clip: float | None = 20.0,
     is_weights: Tensor | None = None,
+    kl_estimator: str = "k3",
 ) -> tuple[Tensor, GRPOMetrics]:
     """The GRPO loss, ``-J`` of DeepSeek-R1 eq. 1, for one micro-batch.
 
@@ -543,7 +584,7 @@ def grpo_loss(
     ``clip_eps_low/high``: see ``clipped_surrogate`` (the paper: both equal).
     ``agg_mode``, ``num_sequences``, ``num_tokens``, ``max_tokens``: see ``aggregate``;
     the normalisers count the whole optimizer batch, over micro-batches and ranks.
-    ``kl_log_ratio_clip``: see ``k3_kl``.
+    ``kl_log_ratio_clip``: see ``k3_kl``; ``kl_estimator``: see ``kl_estimate`` (the paper: k3).
     ``is_weights``: ``[N, T]`` detached off-policy weights (``importance_weights``) that
     multiply each token's surrogate (not the KL term, which is taken under the current
     policy); None: all 1. ``old_logp`` is then the learner's own pre-update log-probs.
@@ -568,11 +609,11 @@ def grpo_loss(
     kl = None
     if ref_logp is not None:
         if beta > 0:
-            kl = k3_kl(logp, ref_logp, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
+            kl = kl_estimate(logp, ref_logp, estimator=kl_estimator, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
             per_token = per_token + beta * kl  # [N, T]
         else:
             with torch.no_grad():
-                kl = k3_kl(logp, ref_logp, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
+                kl = kl_estimate(logp, ref_logp, estimator=kl_estimator, log_ratio_clip=kl_log_ratio_clip)  # [N, T]
     loss = aggregate(
         per_token,
         mask,

@@ -15,6 +15,8 @@ Rank 0 also sends the weight pushes (``learner.weight_sync``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import threading
 import time
@@ -148,14 +150,34 @@ class StepStats:
         }
 
 
-def group_advantages_of(g: ScoredGroup, config: GRPOLossConfig) -> torch.Tensor:
+def shaped_rewards(g: ScoredGroup, config: GRPOLossConfig, max_new_tokens: int) -> torch.Tensor:
+    """``[G]`` the group's rewards as the advantages see them: with ``loss.overlong=penalty``
+    DAPO's soft over-long punishment added, with ``loss.kl_in=reward`` β times each
+    response's summed KL to the reference (its rollout log-probs against the reference's)
+    subtracted."""
+    rewards = torch.tensor(g.rewards, dtype=torch.float32)  # [G]
+    if config.overlong == "penalty":
+        lengths = torch.tensor([len(c.token_ids) for c in g.group.completions])  # [G]
+        buffer = config.overlong_buffer_tokens or max(1, max_new_tokens // 4)
+        rewards = rewards + grpo.overlong_penalty(lengths, max_tokens=max_new_tokens, buffer=min(buffer, max_new_tokens))
+    if config.kl_in == "reward" and config.kl_coef > 0:
+        if g.ref_logprobs is None:
+            raise ValueError("loss.kl_in=reward needs the reference's log-probs, and this group has none")
+        for i, (c, ref) in enumerate(zip(g.group.completions, g.ref_logprobs, strict=True)):
+            kl = grpo.kl_estimate(torch.tensor([c.logprobs]), torch.tensor([ref]), estimator=config.kl_estimator,
+                                  log_ratio_clip=config.kl_log_ratio_clip)  # [1, T]
+            rewards[i] -= config.kl_coef * float(kl.sum())
+    return rewards
+
+
+def group_advantages_of(g: ScoredGroup, config: GRPOLossConfig, max_new_tokens: int = 1) -> torch.Tensor:
     """``[G]`` float32 advantages of one scored group under ``config``'s conventions;
     completions no rule reward could grade get 0 and stay out of the group's statistics."""
     # Only groups with an ungradable completion take the masked path, so the others keep
     # the unmasked statistics bit for bit.
     valid = None if all(g.gradable) else torch.tensor([g.gradable])  # [1, G]
     return grpo.group_advantages(
-        torch.tensor(g.rewards, dtype=torch.float32)[None], std_ddof=config.advantage_std_ddof,
+        shaped_rewards(g, config, max_new_tokens)[None], std_ddof=config.advantage_std_ddof,
         eps=config.advantage_eps, scale_by_std=config.scale_advantages_by_std, valid=valid,
     )[0]  # [G]
 
@@ -297,9 +319,10 @@ class GRPOLearner(LearnerRank):
             old_logp, weights = self._proximal[id(batch)]
         loss, m = grpo.grpo_loss(
             logp, old_logp, b.ref_logprobs, b.advantages, b.loss_mask,
-            beta=cfg.kl_coef, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-            agg_mode=cfg.loss_aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
-            max_tokens=self.max_new_tokens, kl_log_ratio_clip=cfg.kl_log_ratio_clip, is_weights=weights,
+            beta=cfg.kl_coef if cfg.kl_in == "loss" else 0.0, clip_eps_low=cfg.clip_eps_low,
+            clip_eps_high=cfg.clip_eps_high, agg_mode=cfg.loss_aggregation, num_sequences=num_sequences,
+            num_tokens=num_tokens, max_tokens=self.max_new_tokens, kl_log_ratio_clip=cfg.kl_log_ratio_clip,
+            is_weights=weights, kl_estimator=cfg.kl_estimator,
         )
         if first_pass:
             stats.loss_tokens += float(m.token_count)
@@ -321,7 +344,12 @@ class GRPOLearner(LearnerRank):
             total[1] += float(mask[rows].sum())
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
-        return collate(groups, [group_advantages_of(g, self.loss) for g in groups], self.engine.pad_id)
+        batch = collate(groups, [group_advantages_of(g, self.loss, self.max_new_tokens) for g in groups],
+                        self.engine.pad_id)
+        if self.loss.overlong == "mask":  # responses cut at the budget give no gradient
+            cut = torch.tensor([c.finish_reason == "length" for g in groups for c in g.group.completions])  # [N]
+            batch = dataclasses.replace(batch, loss_mask=batch.loss_mask * (~cut).to(torch.float32)[:, None])
+        return batch
 
     # -- weights ----------------------------------------------------------------------------
     def weight_spec(self) -> WeightSpec:
