@@ -39,8 +39,12 @@ def _fail(message: str) -> None:
 
 
 def _logging(verbose: bool) -> None:
+    import os
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if verbose:
+        os.environ["R1LAB_VERBOSE"] = "1"  # orchestrator.cluster.VERBOSE: actors' output on the console too
 
 
 @app.command()

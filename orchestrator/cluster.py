@@ -23,6 +23,7 @@ from orchestrator.config import ClusterConfig
 from rewards.config import RewardModelSpec, RewardsConfig
 
 log = logging.getLogger(__name__)
+VERBOSE = "R1LAB_VERBOSE"  # "1": the actors' library output is shown on the console too (r1lab -v)
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> None:
@@ -34,13 +35,17 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     if not _cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
     runtime_env = {"env_vars": env} if env else None
+    # The actors' own output (vLLM, DeepSpeed, torch) stays in Ray's logs (the dashboard's
+    # Logs tab, `ray logs`) unless -v: the console shows r1lab's progress. Their failures
+    # still reach the driver as errors, which r1lab names.
+    verbose = os.environ.get(VERBOSE) == "1"
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if target:
         from orchestrator.jobs import init_quietly
 
-        init_quietly(address=target, runtime_env=runtime_env, log_to_driver=True)
+        init_quietly(address=target, runtime_env=runtime_env, **quiet)
     else:
-        ray.init(address="local", num_cpus=placement.local_cpus(num_cpus), runtime_env=runtime_env,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=placement.local_cpus(num_cpus), runtime_env=runtime_env, **quiet)
 
 
 def _cuda() -> bool:

@@ -101,6 +101,11 @@ class GRPOConfig(_Frozen):
     max_staleness_steps: int = Field(
         default=0, ge=0, description="how many steps generation may run ahead; 0 = on-policy"
     )
+    filter_zero_variance: bool = Field(
+        default=False, description="DAPO's dynamic sampling: groups whose rewards are all equal (no learning "
+        "signal) are dropped and more prompts sampled until the step has prompts_per_step informative groups")
+    max_sampling_rounds: int = Field(default=3, ge=1, description="with filter_zero_variance: rounds of "
+                                     "generation a step may take; then zero-variance groups fill the rest")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="a checkpoint every this many steps; 0 = off")
     checkpoint_every_minutes: float = Field(
         default=30.0, ge=0, description="a checkpoint when this much wall time passed since the last; 0 = off "

@@ -79,6 +79,10 @@ def saved_and_next(stage: str, config: Path, overrides: list[str], cfg,
         return None
     kept = [o for o in overrides if not o.startswith(("run.resume=", "run.overwrite="))]
     base = shlex.join(["r1lab", "run", stage, "-c", str(config), *kept])
+    if stage in ("pipeline", "distill"):  # a recipe resumes at its first unfinished step
+        done = sorted(p.parent.name for p in run.local.glob("*/DONE.json")) if not run.is_uri else []
+        return (f"saved: the finished steps ({', '.join(done) or 'none yet'}) in {run.root}",
+                f"continue: {base} run.resume=true")
     latest = checkpoints.CheckpointDir(run).latest() if stage == "grpo" else None
     if latest is not None:
         return (f"saved: checkpoint {run.location(latest.path)} (step {latest.step})",
@@ -87,6 +91,37 @@ def saved_and_next(stage: str, config: Path, overrides: list[str], cfg,
     kept = [*(["final/"] if run.exists("final") else []), *([f"the metrics of {rows} steps"] if rows else [])]
     return (f"saved: {' and '.join(kept) or 'only config.yaml'} in {run.root}, no checkpoint",
             f"start again: {base} run.overwrite=true (moves this run aside to <name>{preflight.REPLACED}<time>)")
+
+
+def log_to_run(run):
+    """Also write the driver's log (INFO and up, every library) into the run's ``driver.log``;
+    returns what stops it."""
+    import logging
+
+    handler = logging.FileHandler(run.local / LOG)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    before = root.level
+    quieted = []  # handlers that now see INFO records: they keep showing what they showed
+    if before == logging.NOTSET or before > logging.INFO:
+        for other in root.handlers:
+            if other.level == logging.NOTSET:
+                other.setLevel(before or logging.WARNING)
+                quieted.append(other)
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+
+    def stop() -> None:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(before)
+        for other in quieted:
+            other.setLevel(logging.NOTSET)
+        if run.is_uri:
+            run._publish(LOG)
+
+    return stop
 
 
 def log_traceback(err: BaseException, cfg, since: float = 0.0) -> Path:

@@ -376,5 +376,8 @@ def local_cpus(num_cpus: int | None) -> int:
 def actor_env() -> dict[str, str]:
     """Environment every r1lab actor gets: CPU DeepSpeed where there is no GPU."""
     keep = ("DS_ACCELERATOR", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
-            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TMPDIR", "OMP_NUM_THREADS")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TMPDIR", "OMP_NUM_THREADS", "VLLM_LOGGING_LEVEL")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    if os.environ.get("R1LAB_VERBOSE") != "1":
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines: a few hundred a run
+    return env

@@ -31,7 +31,7 @@ import ray
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.grpo_role import StepStats
-from orchestrator import checkpoints, cluster, inputs, placement, preflight, storage, streaming, supervise
+from orchestrator import checkpoints, cluster, failures, inputs, placement, preflight, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
 from orchestrator.metrics import MetricsLogger, keep_through
 from tasks.data_files import BadRows, DataError, TaskRow, load_rows
@@ -168,13 +168,19 @@ class GRPOTrainer:
         current = self.launched.popleft()
         if current.step != step:
             raise RuntimeError(f"step {step} would train on the prompts launched for step {current.step}")
-        rollout_s = self.stream_into_learners(current.launch)
+        sampling: dict = {}
+        if self.cfg.grpo.filter_zero_variance:
+            rollout_s = self.filter_into_learners(current.launch, step, sampling)
+        else:
+            rollout_s = self.stream_into_learners(current.launch)
         stats = self.merge(self.await_learners(learning, "train_step"))
         self.version += 1
         push_s = self.push_weights(self.version)
         self.keeper.sweep()
-        self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices)}) + "\n")
-        return self.record(step, stats, rollout_s, push_s, time.monotonic() - t0)
+        extra = {"extra_prompt_indices": sampling.pop("extra_prompt_indices")} if sampling else {}
+        self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices),
+                                                 **extra}) + "\n")
+        return {**self.record(step, stats, rollout_s, push_s, time.monotonic() - t0), **sampling}
 
     def launch_generation(self, up_to_ahead: int) -> None:
         """Start generation for this step and up to ``up_to_ahead`` steps beyond it. Prompt
@@ -205,6 +211,51 @@ class GRPOTrainer:
         self.fed += len(launch.prompts)
         # Groups queued at the learners when generation finished (not yet trained on).
         self.telemetry.set("buffer_groups", max(ray.get(list(done.values()), timeout=self.deadlines.learner_s), default=0))
+        return time.monotonic() - launch.started
+
+    def filter_into_learners(self, launch: streaming.Launch, step: int, sampling: dict) -> float:
+        """DAPO's dynamic sampling: score every group of the launch, and while fewer than
+        ``prompts_per_step`` are informative (rewards not all equal), sample more prompts,
+        up to ``grpo.max_sampling_rounds`` rounds. The learners get the first
+        ``prompts_per_step`` informative groups in sampling order (zero-variance ones fill
+        the rest when the rounds run out), numbered as in ``stream_into_learners``. The
+        choice depends on the rewards only, not on arrival order, so a run stays
+        reproducible; the price is that groups reach the learners once the step's
+        generation is scored, not as each finishes. ``sampling`` receives the step's
+        counts (and the extra prompts' indices)."""
+        want, learners = self.cfg.grpo.prompts_per_step, self.actors.learners
+        pool: list[tuple[ray.ObjectRef, bool]] = []  # (scored group, informative), in sampling order
+        extra: list[int] = []
+        current, rounds = launch, 0
+        while True:
+            offset = self.fed + len(pool)
+
+            def chain(position: int, group_ref: ray.ObjectRef, offset=offset) -> list[supervise.Hop]:
+                return [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(offset + position,
+                                                                                              group_ref)]
+
+            done = supervise.Flight(current, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
+            refs = [done[p] for p in range(len(current.prompts))]
+            groups = ray.get(refs, timeout=self.deadlines.learner_s)
+            pool += [(ref, informative(g)) for ref, g in zip(refs, groups, strict=True)]
+            rounds += 1
+            found = sum(ok for _, ok in pool)
+            if found >= want or rounds >= self.cfg.grpo.max_sampling_rounds:
+                break
+            prompts = self.sampler.next(want - found)
+            extra += [p.index for p in prompts]
+            seeds = [streaming.prompt_seed(self.cfg.run.seed, step, p.index + rounds * len(self.items))
+                     for p in prompts]
+            current = streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt,
+                                       seeds=seeds, version=self.version)
+        chosen = ([ref for ref, ok in pool if ok] + [ref for ref, ok in pool if not ok])[:want]
+        ranks = [learners[(self.fed + k) % len(learners)] for k in range(want)]
+        puts = [rank.put.remote((self.fed + k) // len(learners), ref) for k, (rank, ref) in enumerate(zip(ranks, chosen))]
+        self.fed += want
+        queued = self.await_learners(puts, "handing the step's groups to the learners", ranks)
+        self.telemetry.set("buffer_groups", max(queued, default=0))
+        sampling.update({"sampled_groups": len(pool), "zero_variance_groups": len(pool) - found,
+                         "sampling_rounds": rounds, "extra_prompt_indices": extra})
         return time.monotonic() - launch.started
 
     def catch_up(self, engine: int) -> int:
@@ -428,6 +479,13 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
     return Inputs(tokenizer, items, claim, report)
 
 
+def informative(g) -> bool:
+    """Whether a scored group carries a learning signal: its gradable completions' rewards
+    are not all equal (GRPO's advantages are zero otherwise)."""
+    valid = [r for r, ok in zip(g.rewards, g.gradable, strict=True) if ok]
+    return len(valid) > 1 and max(valid) != min(valid)
+
+
 def check_kinds(rows: list[TaskRow], rewards) -> None:
     """Every prompt type in the data must be scored by some reward."""
     from orchestrator.stages import StageError
@@ -466,6 +524,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     ready = prepare_run(prepared)
     ready.claim.take()
     prepared.write_config()
+    stop_log = failures.log_to_run(prepared.run)
     if ready.report is not None:
         prepared.run.write_text(preflight.DATA_REPORT, json.dumps(ready.report, indent=2) + "\n")
     ctl = None  # the run's control actor, once connected (after the data checks)
@@ -507,6 +566,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         raise StageError(f"{err}. Resume from the latest checkpoint with run.resume=true.") from None
     finally:
         restore_signals()
+        stop_log()
         if ctl is not None:
             ray.kill(ctl)
     raise AssertionError("unreachable")
