@@ -201,6 +201,8 @@ class GRPOLearner(LearnerRank):
                              f"learner.micro_batch_groups ({config.micro_batch_groups})")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (rollout.max_new_tokens), got {max_new_tokens}")
+        if loss.off_policy_correction == "auto":  # decided by the stage (orchestrator.config); alone: on-policy
+            loss = loss.model_copy(update={"off_policy_correction": "none"})
         self.loss = loss
         self.temperature = temperature
         self.groups_per_rank = groups_per_rank

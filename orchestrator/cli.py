@@ -33,8 +33,15 @@ console = Console()
 
 
 
+def _error(message: str) -> None:
+    """``error: message`` in red, the message as plain text (data may hold brackets)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    _error(message)
     raise typer.Exit(2)
 
 
@@ -98,18 +105,24 @@ def _run_failed(err: BaseException, stage: str, config: Path, overrides: list[st
     if isinstance(err, PreflightError):  # the message is the whole story; nothing was started
         if verbose:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        _error(str(err))
         raise typer.Exit(2)
-    logged = failures.log_traceback(err, cfg, since)
+    try:
+        logged = f"traceback: {failures.log_traceback(err, cfg, since)}"
+    except Exception as log_err:  # noqa: BLE001 - a full disk, say: the sentence still matters most
+        logged = f"the traceback could not be written ({log_err})"
     if verbose:
         console.print_exception()
-    console.print(f"[bold red]error:[/] {failures.what_failed(err)}", soft_wrap=True)
-    after = failures.saved_and_next(stage, config, overrides, cfg, since)
+    _error(failures.what_failed(err))
+    try:
+        after = failures.saved_and_next(stage, config, overrides, cfg, since)
+    except Exception:  # noqa: BLE001 - storage unreachable: say nothing rather than guess
+        after = None
     if after is not None:
-        console.print(after[0], soft_wrap=True)
-        console.print(f"{after[1]}  [dim](traceback: {logged})[/]", soft_wrap=True)
+        console.print(after[0], soft_wrap=True, markup=False)
+        console.print(f"{after[1]}  ({logged})", soft_wrap=True, markup=False, style="default")
     else:
-        console.print(f"[dim]traceback: {logged}[/]", soft_wrap=True)
+        console.print(f"({logged})", soft_wrap=True, markup=False)
     from orchestrator.stages import StageError
 
     raise typer.Exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, StageError) else 1)
@@ -125,8 +138,10 @@ def _stopped_hint(config: Path, overrides: list[str], cfg) -> bool:
     after = failures.saved_and_next("grpo", config, overrides, cfg)
     if after is None:
         return False
-    console.print(f"[yellow]stopped[/]; {after[0]}", soft_wrap=True)
-    console.print(after[1], soft_wrap=True)
+    from rich.text import Text
+
+    console.print(Text.assemble(("stopped", "yellow"), f"; {after[0]}"), soft_wrap=True)
+    console.print(after[1], soft_wrap=True, markup=False)
     return True
 
 

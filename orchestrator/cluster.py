@@ -166,7 +166,7 @@ class StageActors:
         placement.release(self.pg)
 
 
-def start(parts: StageParts, roles: Sequence[str]) -> StageActors:
+def start(parts: StageParts, roles: Sequence[str], *, check_fits: bool = True) -> StageActors:
     """Start the actors of ``roles`` where ``placement`` puts them (connecting to Ray first
     if need be); learner ranks form their group and every actor is ready on return. On
     failure, what started is stopped."""
@@ -174,7 +174,8 @@ def start(parts: StageParts, roles: Sequence[str]) -> StageActors:
         raise ValueError("the reward role needs at least one reward set (StageParts.reward_sets)")
     connect(parts.cluster.address, num_cpus=parts.cluster.num_cpus)
     p = parts.plan(roles)
-    placement.check_fits(p, autoscaling=parts.cluster.autoscaling)
+    if check_fits:  # off where pre-flight checked it, and on restarts (a lost node may come back)
+        placement.check_fits(p, autoscaling=parts.cluster.autoscaling)
     actors = StageActors(pg=placement.create_placement_groups(p))
     try:
         env = placement.actor_env()

@@ -19,14 +19,16 @@ def what_failed(err: BaseException) -> str:
 
     from orchestrator.config import ConfigError
     from orchestrator.jobs import TOKEN_HELP, _is_auth_failure
+    from orchestrator.placement import PlacementError
     from orchestrator.stages import StageError
     from orchestrator.supervise import ActorGone, LearnerLost, first_line
 
     if isinstance(err, KeyboardInterrupt):
         return "interrupted at once (Ctrl-C twice, or before step 1): the step under way was not saved"
-    if isinstance(err, (StageError, ConfigError, ActorGone, LearnerLost)):
+    if isinstance(err, (StageError, ConfigError, ActorGone, LearnerLost, PlacementError)):
         return str(err)
-    if _is_auth_failure(err):
+    from_ray = isinstance(err, ConnectionError) or type(err).__module__.startswith("ray")
+    if from_ray and _is_auth_failure(err):
         return f"the Ray cluster refused this driver: it requires an auth token; {TOKEN_HELP}"
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = err.cause if isinstance(err.cause, BaseException) else err
@@ -79,18 +81,20 @@ def saved_and_next(stage: str, config: Path, overrides: list[str], cfg,
         return None
     kept = [o for o in overrides if not o.startswith(("run.resume=", "run.overwrite="))]
     base = shlex.join(["r1lab", "run", stage, "-c", str(config), *kept])
+    resume = "run.resume=true" + (" run.overwrite=false" if run_cfg.overwrite else "")
+    afresh = "run.overwrite=true" + (" run.resume=false" if run_cfg.resume else "")
     if stage in ("pipeline", "distill"):  # a recipe resumes at its first unfinished step
         done = sorted(p.parent.name for p in run.local.glob("*/DONE.json")) if not run.is_uri else []
         return (f"saved: the finished steps ({', '.join(done) or 'none yet'}) in {run.root}",
-                f"continue: {base} run.resume=true")
+                f"continue: {base} {resume}")
     latest = checkpoints.CheckpointDir(run).latest() if stage == "grpo" else None
     if latest is not None:
         return (f"saved: checkpoint {run.location(latest.path)} (step {latest.step})",
-                f"continue: {base} run.resume=true")
+                f"continue: {base} {resume}")
     rows = len((run.read_text("metrics.jsonl") or "").splitlines())
     kept = [*(["final/"] if run.exists("final") else []), *([f"the metrics of {rows} steps"] if rows else [])]
     return (f"saved: {' and '.join(kept) or 'only config.yaml'} in {run.root}, no checkpoint",
-            f"start again: {base} run.overwrite=true (moves this run aside to <name>{preflight.REPLACED}<time>)")
+            f"start again: {base} {afresh} (moves this run aside to <name>{preflight.REPLACED}<time>)")
 
 
 def log_to_run(run):

@@ -458,9 +458,8 @@ def resume(c, job: JobInfo) -> str:
                            "there is no checkpoint to resume from")
     if job.active:
         raise RuntimeError(f"run {job.run!r} is still {job.status}; stop it first with `r1lab stop {job.run}`")
-    entry = re.sub(r"\s+run\.overwrite=\S+", "", job.entrypoint)  # the run it moved aside is not this one
-    if "run.resume=true" not in entry:
-        entry += " run.resume=true"
+    entry = re.sub(r"\s+run\.(overwrite|resume)=\S+", "", job.entrypoint)
+    entry += " run.resume=true run.overwrite=false"  # whatever the config file says
     details = c.get_job_info(job.job_id)
     return submit_job(c, entrypoint=entry, submission_id=f"r1lab-{job.run}-{uuid.uuid4().hex[:6]}",
                       runtime_env=details.runtime_env or {},

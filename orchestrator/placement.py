@@ -288,7 +288,8 @@ def create_placement_groups(p: PlacementPlan, timeout_s: float = 300.0, every_s:
     deadline = time.monotonic() + timeout_s
     pending = [g.ready() for g in groups]
     while pending and time.monotonic() < deadline:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(every_s, deadline - time.monotonic()))
+        left = max(0.0, deadline - time.monotonic())
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(every_s, left))
         if pending:
             waiting = [g for g, pg in zip(p.groups, groups, strict=True) if not _is_ready(pg)]
             log.warning("waiting for resources (%.0f s left): %s; available now: %s", deadline - time.monotonic(),

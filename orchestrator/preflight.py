@@ -104,7 +104,8 @@ def model_parameters(path: str) -> int | None:
     if not size:
         return None
     try:
-        dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") or "float32"
+        config = json.loads((folder / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     except (OSError, ValueError):
         dtype = "float32"
     return size // (2 if dtype in ("bfloat16", "float16") else 4)
@@ -132,7 +133,8 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_storage(run: storage.RunStorage, need: int | None, what: str = "a checkpoint and final/") -> None:
+def check_storage(run: storage.RunStorage, need: int | None,
+                  what: str = f"a checkpoint and final/ ({CHECKPOINT_BYTES_PER_PARAM} bytes a parameter)") -> None:
     """``run``'s storage can be written and (for a local path) has ``need`` bytes free."""
     if run.is_uri:
         _check_uri_writable(run)
@@ -152,8 +154,7 @@ def check_storage(run: storage.RunStorage, need: int | None, what: str = "a chec
     free = shutil.disk_usage(base).free
     if need is not None and free < need:
         raise PreflightError(f"run.storage: {base} has {human(free)} free but this run needs about {human(need)} "
-                             f"for {what} ({CHECKPOINT_BYTES_PER_PARAM} bytes a parameter); free space there or "
-                             "choose another run.storage")
+                             f"for {what}; free space there or choose another run.storage")
 
 
 def _check_uri_writable(run: storage.RunStorage) -> None:
@@ -214,10 +215,13 @@ def claim_run(run: storage.RunStorage, *, stage: str, resume: bool, overwrite: b
         if has_checkpoint is None:
             raise PreflightError(f"run.resume is set but the {stage} stage does not resume; start it afresh with "
                                  f"run.overwrite=true (the run at {run.root} is moved aside) or a new run.name")
-        if not held or not has_checkpoint():
-            what = "holds no complete checkpoint" if held else "does not exist"
-            raise PreflightError(f"run.resume is set but {run.root} {what}: nothing to resume; start without "
-                                 "run.resume, or give the run.name of the run that was stopped")
+        if not held:
+            raise PreflightError(f"run.resume is set but {run.root} does not exist: nothing to resume; start "
+                                 "without run.resume, or give the run.name of the run that was stopped")
+        if not has_checkpoint():
+            raise PreflightError(f"run.resume is set but {run.root} holds no complete checkpoint: nothing to "
+                                 "resume; start it afresh with run.overwrite=true instead of run.resume (the run "
+                                 "is moved aside), or choose another run.name")
         return Claim(run, resume=True, replace=False)
     if held and not overwrite:
         raise PreflightError(f"{run.root} already holds a run; continue it with run.resume=true, move it aside "
@@ -259,8 +263,10 @@ def bad_rows(bad, *, source: str, total: int, skip: bool, setting: str = "data.s
     return {"source": source, "rows": total, "skipped": bad.count, "first_skipped": bad.first}
 
 
-def fresh_run(run: storage.RunStorage, run_cfg, *, stage: str, need: int | None = None) -> Claim:
-    """``claim_run`` and ``check_storage`` for a stage that does not resume."""
+def fresh_run(run: storage.RunStorage, run_cfg, *, stage: str, need: int | None = None,
+              what: str = "its outputs") -> Claim:
+    """``claim_run`` and ``check_storage`` (``need`` bytes for ``what``) for a stage that
+    does not resume."""
     claim = claim_run(run, stage=stage, resume=run_cfg.resume, overwrite=run_cfg.overwrite)
-    check_storage(run, need, what="its outputs" if need is None else "a checkpoint and final/")
+    check_storage(run, need, what=what)
     return claim

@@ -86,8 +86,8 @@ def step_config(cfg: PipelineConfig, step: PipelineStep, again: str | None = Non
     module = load_stage(step.stage)
     root = storage.RunStorage.of(cfg.run.storage, cfg.run.name).root
     overrides = [*resolve(step.overrides, root), f"run.storage={root}", f"run.name={step.name}"]
-    if again is not None:
-        overrides.append(f"run.{again}=true")
+    if again is not None:  # and the other off, whatever the step's own config says
+        overrides += [f"run.{again}=true", f"run.{'overwrite' if again == 'resume' else 'resume'}=false"]
     if cfg.cluster.address and "cluster" in module.Config.model_fields:
         overrides.append(f"cluster.address={cfg.cluster.address}")
     return module, load_config(step.config, overrides, model=module.Config)
@@ -100,15 +100,15 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
     from orchestrator import checkpoints, preflight
 
     root = storage.for_run(cfg.run)
+    # Validate every step's config before anything is written or moved.
+    for step in cfg.pipeline.steps:
+        step_config(cfg, step)
     if cfg.run.resume:
         if not root.exists("config.yaml"):
             raise preflight.PreflightError(f"run.resume is set but {root.root} holds no pipeline: nothing to resume; "
                                            "start without run.resume")
     else:
         preflight.claim_run(root, stage="pipeline", resume=False, overwrite=cfg.run.overwrite).take()
-    # Validate every step's config before running the first one.
-    for step in cfg.pipeline.steps:
-        step_config(cfg, step)
     root.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     total = len(cfg.pipeline.steps)
@@ -129,6 +129,12 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
             progress(i - 1, total, f"{step.name} ({step.stage}) running")
         t0 = time.monotonic()
         module.run(step_cfg)
+        if step.stage in ("grpo", "sft", "distill") and not step_run.exists("final"):
+            # Stopped (Ctrl-C, SIGTERM, `r1lab stop`) with a checkpoint: the pipeline stops too.
+            log.warning("step %s stopped before its end; continue the pipeline with run.resume=true", step.name)
+            if progress is not None:
+                progress(i - 1, total, f"{step.name} ({step.stage}) stopped: continue with run.resume=true")
+            return root.local
         root.write_text(done, json.dumps({"stage": step.stage, "seconds": time.monotonic() - t0}))
         if progress is not None:
             progress(i, total, f"{step.name} ({step.stage}) done in {time.monotonic() - t0:.0f}s")

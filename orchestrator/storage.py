@@ -216,11 +216,13 @@ class RunStorage:
         so the file keeps its earlier complete rows."""
         path = self.local / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            size = f.tell()
+        data = text.encode()
+        with path.open("ab", buffering=0) as f:  # unbuffered: a failed write is undone before any flush
+            size = f.seek(0, os.SEEK_END)
             try:
-                f.write(text)
-                f.flush()
+                done = 0
+                while done < len(data):
+                    done += f.write(data[done:])
             except OSError:
                 f.truncate(size)
                 raise

@@ -313,7 +313,8 @@ def load_rows(path: Path, *, prompt_key: str = "prompt", answer_key: str = "answ
         except DataError as err:
             _bad(bad, str(err))
     if not rows:
-        raise DataError(f"{path} holds no rows" + (f" that can be used ({bad.count} bad)" if bad and bad.count else ""))
+        raise DataError(f"{path} holds no rows" + (f" that can be used ({bad.count} bad; the first: {bad.first[0]})"
+                                                   if bad and bad.count else ""))
     return rows
 
 

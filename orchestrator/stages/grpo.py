@@ -138,10 +138,11 @@ class GRPOTrainer:
                                      kind_weights=cfg.data.kind_weights)
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
         self.deadlines = supervise.Deadlines.for_grpo(cfg)
-        parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * (self.deadlines.generation_s
-                                                                    + self.deadlines.scoring_s
-                                                                    + self.deadlines.restart_s))
-        self.actors = cluster.start(parts, placement.grpo_roles(cfg))
+        rounds = cfg.grpo.max_sampling_rounds if cfg.grpo.filter_zero_variance else 1
+        parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (self.deadlines.generation_s
+                                                                             + self.deadlines.scoring_s
+                                                                             + self.deadlines.restart_s))
+        self.actors = cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
         self.backend = ray.get(self.actors.learners[0].collective_backend.remote(), timeout=cluster.GROUP_S)
         cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
@@ -525,14 +526,15 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     ready.claim.take()
     prepared.write_config()
     stop_log = failures.log_to_run(prepared.run)
-    if ready.report is not None:
-        prepared.run.write_text(preflight.DATA_REPORT, json.dumps(ready.report, indent=2) + "\n")
     ctl = None  # the run's control actor, once connected (after the data checks)
     term, training = threading.Event(), threading.Event()
-    restore_signals = _stop_on_signals(term, training)
+    restore_signals = lambda: None  # noqa: E731
     restarts: Counter = Counter()
     resume = cfg.run.resume
     try:
+        if ready.report is not None:
+            prepared.run.write_text(preflight.DATA_REPORT, json.dumps(ready.report, indent=2) + "\n")
+        restore_signals = _stop_on_signals(term, training)
         lost_at = None  # when the learner group was last lost
         for attempt in range(cfg.run.max_restarts + 1):
             trainer = GRPOTrainer(prepared, ready, restarts)

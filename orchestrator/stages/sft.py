@@ -75,12 +75,12 @@ class Config(FrozenModel):
 
 def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...]]], int]:
     """Tokenised (prompt, response + EOS) pairs, and how many were too long."""
-    from orchestrator.stages import StageError
+    from orchestrator.preflight import PreflightError
 
     d = cfg.data
     for path in (d.train_path, *d.extra_train_paths):
         if not Path(path).exists():
-            raise StageError(f"SFT data file {path} does not exist (an SFT JSONL with {d.prompt_key!r} and "
+            raise PreflightError(f"SFT data file {path} does not exist (an SFT JSONL with {d.prompt_key!r} and "
                              f"{d.response_key!r} fields, e.g. the sample stage's sft.jsonl)")
     out, too_long = [], 0
     eos = tokenizer.eos_token or ""
@@ -88,7 +88,7 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
         pairs = [pair for path in (d.train_path, *d.extra_train_paths)
                  for pair in load_pairs(path, prompt_key=d.prompt_key, response_key=d.response_key, split=d.split)]
     except DataError as err:
-        raise StageError(str(err)) from None
+        raise PreflightError(str(err)) from None
     for prompt, response in pairs:
         prompt = prompt if d.template == "none" else render_prompt(prompt, d.template, tokenizer)
         p = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -98,7 +98,7 @@ def load_examples(cfg: Config, tokenizer) -> tuple[list[tuple[tuple[int, ...], t
             continue
         out.append((p, r))
     if not out:
-        raise StageError(f"{d.train_path} has no usable rows ({too_long} longer than sft.max_seq_tokens)")
+        raise PreflightError(f"{d.train_path} has no usable rows ({too_long} longer than sft.max_seq_tokens)")
     return out, too_long
 
 
@@ -108,18 +108,19 @@ def run(cfg: Config, progress=None) -> Path:
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg, run = prepared.local, prepared.run
     inputs.check_model(cfg.model.path)
-    claim = preflight.fresh_run(run, cfg.run, stage="sft", need=preflight.checkpoint_bytes(cfg.model.path))
+    params = preflight.model_parameters(cfg.model.path)
+    claim = preflight.fresh_run(run, cfg.run, stage="sft", need=None if params is None else 4 * params,
+                                what="final/ (fp32, 4 bytes a parameter)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     examples, too_long = load_examples(cfg, tokenizer)
+    steps_per_epoch = len(examples) // cfg.sft.sequences_per_step
+    if steps_per_epoch == 0:
+        raise preflight.PreflightError(f"{len(examples)} examples are fewer than sft.sequences_per_step="
+                                       f"{cfg.sft.sequences_per_step}: lower it, or give more data")
     claim.take()
     prepared.write_config()
     if too_long:
         log.warning("dropped %d examples longer than sft.max_seq_tokens=%d", too_long, cfg.sft.max_seq_tokens)
-    steps_per_epoch = len(examples) // cfg.sft.sequences_per_step
-    if steps_per_epoch == 0:
-        from orchestrator.stages import StageError
-
-        raise StageError(f"{len(examples)} examples are fewer than sft.sequences_per_step={cfg.sft.sequences_per_step}")
     total = steps_per_epoch * cfg.sft.epochs
 
     learners = cluster.SFTLearners(cfg.learner, cfg.sft.micro_batch_sequences, cfg.micro_batches_per_rank)
