@@ -158,13 +158,17 @@ def check_storage(run: storage.RunStorage, need: int | None,
 
 
 def _check_uri_writable(run: storage.RunStorage) -> None:
-    filesystem, path = storage.filesystem(run.location(f".r1lab-write-check-{os.getpid()}"))
+    """Write and delete a small object beside the run (in ``run.storage`` itself, so that
+    no run folder is made before pre-flight passes)."""
+    parent = run.root.rstrip("/").rsplit("/", 1)[0]
+    filesystem, path = storage.filesystem(f"{parent}/.r1lab-write-check-{os.getpid()}")
     try:
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a bucket prefix: nothing to make
         with filesystem.open_output_stream(path) as f:
             f.write(b"r1lab")
         filesystem.delete_file(path)
     except Exception as err:  # noqa: BLE001 - pyarrow maps every store's refusals to several types
-        raise PreflightError(f"run.storage: cannot write to {run.root} ({err}); check the bucket's name and "
+        raise PreflightError(f"run.storage: cannot write to {parent} ({err}); check the bucket's name and "
                              "credentials, or choose another run.storage") from None
 
 

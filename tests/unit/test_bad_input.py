@@ -214,3 +214,16 @@ def test_the_command_line_fails_in_seconds_from_a_fresh_process(setup):
     assert len(lines) <= 3 and "bad.jsonl:21" in lines[0], lines
     assert seconds < LIMIT_S, seconds
     print(f"| whole command, fresh process | {proc.returncode} | {seconds:.1f} s | {lines[0][:120]} |")
+
+
+def test_uri_storage_is_checked_by_writing_beside_the_run(tmp_path):
+    from orchestrator import preflight, storage
+
+    run = storage.RunStorage.of(f"file://{tmp_path}/store", "r")
+    preflight.check_storage(run, None)  # the storage folder is made; the run's is not
+    assert (tmp_path / "store").is_dir() and not any((tmp_path / "store").iterdir())
+    assert not preflight.holds_run(run)
+    (tmp_path / "a-file").write_text("")
+    blocked = storage.RunStorage.of(f"file://{tmp_path}/a-file/store", "r")
+    with pytest.raises(preflight.PreflightError, match=r"run\.storage: cannot write to file://.*a-file/store"):
+        preflight.check_storage(blocked, None)
