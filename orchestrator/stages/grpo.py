@@ -156,6 +156,8 @@ class GRPOTrainer:
         self.fed = 0  # groups delivered to the learner ranks by this attempt
         self.grouped_at = [0] * len(self.actors.rollouts)  # each engine's restarts when the push group formed
         self.checkpoints = checkpoints.CheckpointDir(self.storage, keep=cfg.grpo.keep_checkpoints)
+        self.launched_at = time.monotonic()  # the run's start (set by `run`)
+        self.startup_s = float("nan")
 
     def log_fault(self, row: dict) -> None:
         self.storage.append(FAULTS, json.dumps(row) + "\n")
@@ -349,6 +351,8 @@ class GRPOTrainer:
             "rollout_tokens_per_s": stats.response_tokens / rollout_s if rollout_s > 0 else float("nan"),
             "weight_push_s": push_s,
             "step_s": step_s,
+            "time_s": time.monotonic() - self.launched_at,  # since `run` was called: time to an accuracy
+            "startup_s": self.startup_s,  # from `run` to this attempt's first step
         }
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -520,6 +524,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
     from orchestrator import control
     from orchestrator.stages import StageError
 
+    launched = time.monotonic()
     prepared = storage.prepare(cfg, models=MODEL_INPUTS, data=DATA_INPUTS)
     cfg = prepared.local
     ready = prepare_run(prepared)
@@ -538,6 +543,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         lost_at = None  # when the learner group was last lost
         for attempt in range(cfg.run.max_restarts + 1):
             trainer = GRPOTrainer(prepared, ready, restarts)
+            trainer.launched_at = launched
             if lost_at is not None:
                 back = time.monotonic() - lost_at
                 trainer.log_fault({"time": time.time(), "role": "learner", "cause": "every actor started again",
@@ -603,6 +609,8 @@ def _attempt(trainer: GRPOTrainer, cfg: GRPOStageConfig, resume: bool, ctl, term
         else:
             trainer.storage.write_text(PROMPTS, "")
         training.set()
+        trainer.startup_s = time.monotonic() - trainer.launched_at
+        log.info("first step starts %.1f s after launch", trainer.startup_s)
         stopped = _train(trainer, cfg, first, metrics, progress,
                          lambda: term.is_set() or ray.get(ctl.should_stop.remote(), timeout=cluster.GROUP_S))
         if stopped is not None:
