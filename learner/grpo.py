@@ -552,6 +552,27 @@ class GRPOMetrics:
         }
 
 
+def _loss_metrics(mask: Tensor, advantages: Tensor, surrogate: Tensor, kl: Tensor | None, clip_active: Tensor,
+                  ratio: Tensor) -> GRPOMetrics:
+    """The detached token sums of one micro-batch (``grpo_loss``)."""
+    with torch.no_grad():
+        keep = mask.bool()  # [N, T]
+        adv_sign = advantages.unsqueeze(1)  # [N, 1]
+
+        def masked_sum(x: Tensor) -> Tensor:
+            return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dtype=torch.float64)
+
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=mask.device)
+        return GRPOMetrics(
+            token_count=keep.sum(dtype=torch.float64),
+            surrogate_sum=masked_sum(surrogate.detach()),
+            kl_sum=nan if kl is None else masked_sum(kl.detach()),
+            clip_low_count=(clip_active & keep & (adv_sign < 0)).sum(dtype=torch.float64),
+            clip_high_count=(clip_active & keep & (adv_sign > 0)).sum(dtype=torch.float64),
+            ratio_sum=masked_sum(ratio.detach()),
+        )
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -623,22 +644,5 @@ def grpo_loss(
         max_tokens=max_tokens,
     )
 
-    with torch.no_grad():
-        keep = mask.bool()  # [N, T]
-        adv_sign = advantages.unsqueeze(1)  # [N, 1]
-
-        def masked_sum(x: Tensor) -> Tensor:
-            return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(
-                dtype=torch.float64
-            )
-
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=logp.device)
-        metrics = GRPOMetrics(
-            token_count=keep.sum(dtype=torch.float64),
-            surrogate_sum=masked_sum(surrogate.detach()),
-            kl_sum=nan if kl is None else masked_sum(kl.detach()),
-            clip_low_count=(clip_active & keep & (adv_sign < 0)).sum(dtype=torch.float64),
-            clip_high_count=(clip_active & keep & (adv_sign > 0)).sum(dtype=torch.float64),
-            ratio_sum=masked_sum(ratio.detach()),
-        )
+    metrics = _loss_metrics(mask, advantages, surrogate, kl, clip_active, ratio)
     return loss, metrics
