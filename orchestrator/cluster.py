@@ -48,6 +48,13 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=placement.local_cpus(num_cpus), runtime_env=runtime_env, **quiet)
 
 
+def embedded_node(num_cpus: int | None) -> dict[str, float]:
+    """The resources of the one node ``connect`` starts when no cluster is named."""
+    import torch
+
+    return {"CPU": float(placement.local_cpus(num_cpus)), "GPU": float(torch.cuda.device_count())}
+
+
 def _cuda() -> bool:
     import torch
 

@@ -261,10 +261,12 @@ def unplaceable(p: PlacementPlan, nodes: Sequence[dict[str, float]]) -> list[str
     return problems
 
 
-def check_fits(p: PlacementPlan, *, autoscaling: bool = False) -> None:
-    """Refuse at once a plan the cluster's nodes can never hold, naming what to lower
-    (with ``autoscaling``, log what is waited for instead)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+def check_fits(p: PlacementPlan, *, autoscaling: bool = False, nodes: Sequence[dict] | None = None) -> None:
+    """Refuse at once a plan the cluster's nodes (default: Ray's alive nodes; or ``nodes``,
+    each node's resources) can never hold, naming what to lower (with ``autoscaling``, log
+    what is waited for instead)."""
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     problems = unplaceable(p, nodes)
     if not problems:
         return

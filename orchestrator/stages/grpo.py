@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import random
 import signal
@@ -475,9 +476,14 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
         PromptSampler(items, seed=cfg.run.seed, shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
     except ValueError as err:
         raise preflight.PreflightError(f"{cfg.data.train_path}: {err}") from None
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    plan = placement.grpo_plan(cfg)
     try:
-        placement.check_fits(placement.grpo_plan(cfg), autoscaling=cfg.cluster.autoscaling)
+        # The embedded cluster's one node is known before it starts (saves Ray's start-up).
+        embedded = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+        if embedded:
+            placement.check_fits(plan, nodes=[cluster.embedded_node(cfg.cluster.num_cpus)])
+        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        placement.check_fits(plan, autoscaling=cfg.cluster.autoscaling)
     except placement.PlacementError as err:
         raise preflight.PreflightError(str(err)) from None
     prepared.check_cluster()
