@@ -657,8 +657,9 @@ def _keep_trained(trainer: GRPOTrainer, last: int) -> str:
     where = trainer.storage.location(latest.path)
     if latest.step == last:
         return f"The trained state is in {where}; once there is room, run.resume=true writes final/ alone"
+    again = f"step {last}" if latest.step + 1 == last else f"steps {latest.step + 1}-{last}"
     return (f"The newest checkpoint is {where} (step {latest.step} of {last}); once there is room, run.resume=true "
-            f"trains steps {latest.step + 1}-{last} again and writes final/")
+            f"trains {again} again and writes final/")
 
 
 def _train(trainer: GRPOTrainer, cfg: GRPOStageConfig, first: int, metrics: MetricsLogger, progress,
