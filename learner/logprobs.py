@@ -22,7 +22,7 @@ from torch import Tensor
 
 from learner.grpo import token_logprobs
 
-__all__ = ["input_logprobs", "model_logprobs"]
+__all__ = ["chunked_input_logprobs", "input_logprobs", "model_logprobs"]
 
 
 def input_logprobs(logits: Tensor, input_ids: Tensor, *, temperature: float) -> Tensor:
@@ -44,3 +44,51 @@ def model_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, *, t
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, T, V]
     return input_logprobs(logits, input_ids, temperature=temperature)
+
+
+def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tensor, *, temperature: float,
+                           chunk_tokens: int, head_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``input_logprobs`` from the last hidden states instead of the logits: the LM head
+    is applied ``chunk_tokens`` positions at a time, and each chunk's logits are recomputed
+    in the backward pass (``torch.utils.checkpoint``) rather than kept, so peak memory is
+    O(chunk_tokens × V) instead of O(N × T × V). Exact: the same float32 math per position.
+
+    ``hidden`` ``[N, T, H]`` (the model's final hidden states), ``head_weight`` ``[V, H]``
+    (and ``head_bias`` ``[V]``, if the head has one), ``input_ids`` ``[N, T]``. Returns
+    ``(log-probs [N, T], entropy [N, T])``: log-probs as ``input_logprobs`` (column 0 is 0),
+    and the entropy of each position's distribution at ``temperature`` (detached, a metric).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden [N, T, H] and input_ids [N, T], got {tuple(hidden.shape)} and "
+                         f"{tuple(input_ids.shape)}")
+    n, t, h = hidden.shape
+    states = hidden[:, :-1].reshape(-1, h)  # [N*(T-1), H]: position t predicts token t + 1
+    targets = input_ids[:, 1:].reshape(-1)  # [N*(T-1)]
+
+    def piece(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = torch.nn.functional.linear(x, head_weight, head_bias).float()  # [C, V]
+        if temperature != 1.0:
+            logits = logits / temperature  # [C, V]
+        norm = torch.logsumexp(logits, dim=-1)  # [C]
+        lp = logits.gather(-1, y.long().unsqueeze(-1)).squeeze(-1) - norm  # [C]
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)  # [C, V]
+            entropy = norm - (probs * logits).sum(-1)  # [C]
+        return lp, entropy
+
+    lps, ents = [], []
+    for start in range(0, states.shape[0], chunk_tokens):
+        x, y = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and (x.requires_grad or head_weight.requires_grad):
+            lp, ent = checkpoint(piece, x, y, use_reentrant=False)
+        else:
+            lp, ent = piece(x, y)
+        lps.append(lp)
+        ents.append(ent.detach())
+    lp = torch.cat(lps).reshape(n, t - 1)  # [N, T-1]
+    ent = torch.cat(ents).reshape(n, t - 1)  # [N, T-1]
+    return torch.nn.functional.pad(lp, (1, 0)), torch.nn.functional.pad(ent, (1, 0))  # [N, T] each
