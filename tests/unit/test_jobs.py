@@ -324,11 +324,12 @@ def test_stop_asks_an_r1lab_run_to_checkpoint_in_its_own_environment_first():
 
 
 def test_resume_submits_the_runs_job_again_with_resume_on():
-    details = [_details("raysubmit_r1", "r1lab run grpo -c c.yaml", "STOPPED")]
+    # A run started with run.overwrite=true resumes with it off (the two exclude each other).
+    details = [_details("raysubmit_r1", "r1lab run grpo -c c.yaml run.overwrite=true", "STOPPED")]
     c = FakeJobs(details, {"raysubmit_r1": jobs.header_line("cfg-name", "grpo")})
     new = jobs.resume(c, jobs.find_job(c, "cfg-name"))
     sent = c.submitted[-1]
     assert new == sent["submission_id"] and new.startswith("r1lab-cfg-name-")
-    assert sent["entrypoint"] == "r1lab run grpo -c c.yaml run.resume=true"
+    assert sent["entrypoint"] == "r1lab run grpo -c c.yaml run.resume=true run.overwrite=false"
     assert sent["runtime_env"]["working_dir"] == "gcs://_ray_pkg_abc.zip"
     assert sent["metadata"] == {"r1lab_run": "cfg-name", "r1lab_stage": "grpo", "r1lab_resumed_from": "raysubmit_r1"}
