@@ -499,6 +499,16 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, *, temperature: float = 1
     return picked - torch.logsumexp(x, dim=-1)  # [N, T]
 
 
+def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Entropy of each position's distribution ``softmax(logits / temperature)``: ``[..., V]``
+    → ``[...]``, float32, detached (a metric: how spread the policy still is)."""
+    with torch.no_grad():
+        x = logits.to(_compute_dtype(logits))
+        if temperature != 1.0:
+            x = x / temperature
+        return torch.logsumexp(x, dim=-1) - (torch.softmax(x, dim=-1) * x).sum(-1)
+
+
 # --------------------------------------------------------------------------- the loss
 
 

@@ -337,13 +337,14 @@ class GRPOLearner(LearnerRank):
     def _gap_by_lag(self, stats: StepStats, logp: torch.Tensor, b: TrainBatch) -> None:
         """|rollout - learner| log-prob per token, by how many versions behind the learner
         each sample's policy was (0: the same weights: what is left is numerics)."""
-        mask = b.loss_mask.bool()  # [N, T]
-        diff = torch.where(mask, (logp - b.old_logprobs).abs(), torch.zeros((), device=logp.device))  # [N, T]
-        for lag in sorted(set((self.version - b.policy_versions).tolist())):
-            rows = (self.version - b.policy_versions) == lag  # [N]
-            total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
-            total[0] += float(diff[rows].sum())
-            total[1] += float(mask[rows].sum())
+        lags = self.version - b.policy_versions  # [N]
+        for lag in sorted(set(lags.tolist())):
+            rows = lags == lag  # [N]
+            tokens = float(b.loss_mask[rows].sum())
+            if tokens:
+                total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
+                total[0] += float(grpo.logprob_gap(logp[rows], b.old_logprobs[rows], b.loss_mask[rows])) * tokens
+                total[1] += tokens
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
         batch = collate(groups, [group_advantages_of(g, self.loss, self.max_new_tokens) for g in groups],

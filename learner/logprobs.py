@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from learner.grpo import token_logprobs
+from learner.grpo import token_entropy, token_logprobs
 
 __all__ = ["chunked_input_logprobs", "input_logprobs", "model_logprobs"]
 
@@ -70,15 +70,9 @@ def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tenso
     targets = input_ids[:, 1:].reshape(-1)  # [N*(T-1)]
 
     def piece(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = torch.nn.functional.linear(x, head_weight, head_bias).float()  # [C, V]
-        if temperature != 1.0:
-            logits = logits / temperature  # [C, V]
-        norm = torch.logsumexp(logits, dim=-1)  # [C]
-        lp = logits.gather(-1, y.long().unsqueeze(-1)).squeeze(-1) - norm  # [C]
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)  # [C, V]
-            entropy = norm - (probs * logits).sum(-1)  # [C]
-        return lp, entropy
+        logits = torch.nn.functional.linear(x, head_weight, head_bias)[None]  # [1, C, V]
+        return (token_logprobs(logits, y[None], temperature=temperature)[0],  # [C]
+                token_entropy(logits, temperature=temperature)[0])  # [C]
 
     lps, ents = [], []
     for start in range(0, states.shape[0], chunk_tokens):

@@ -17,7 +17,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from orchestrator.storage import RunStorage, copy_dir, filesystem
+from orchestrator.storage import RunStorage, filesystem, move
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,4 @@ def _move(source: str, destination: str) -> None:
     _, dst = filesystem(destination)
     if filesystem_.get_file_info(dst).type != fs.FileType.NotFound:
         filesystem_.delete_dir(dst)  # a checkpoint of the same step from before a crash
-    try:
-        filesystem_.move(src, dst)
-    except (OSError, NotImplementedError):
-        copy_dir(source, destination)
-        filesystem_.delete_dir(src)
+    move(source, destination)

@@ -7,24 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-
-def sandboxed_programs() -> dict[int, str]:
-    """Host pids still running a sandboxed program (a 'main.py' run with -B), with argv."""
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"-B" in argv and any(a.endswith(b"/main.py") for a in argv):
-            found[int(entry.name)] = b" ".join(argv).decode(errors="replace")
-    return found
+from tests.unit.sandboxed import sandboxed_programs
 
 
 def _kill(pids) -> None:

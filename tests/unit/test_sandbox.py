@@ -25,6 +25,7 @@ from rewards.isolation.sandbox import (
     configure,
     run_program,
 )
+from tests.unit.sandboxed import sandboxed_programs
 
 pytestmark = pytest.mark.unit
 
@@ -231,16 +232,7 @@ def test_runs_as_unprivileged_uid_when_root(sandbox: Sandbox) -> None:
 
 
 def _sandboxed_pids() -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-B" in argv and any(a.endswith(b"/main.py") for a in argv):
-                pids.append(int(entry.name))
-    return pids
+    return list(sandboxed_programs())
 
 
 def test_program_dies_with_the_trainer(sandbox: Sandbox) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from rewards.isolation.sandbox import Limits, RunResult, RunStatus, Sandbox, SandboxConfig, SandboxUnavailable, Tier
+from tests.unit.sandboxed import sandboxed_programs
 
 pytestmark = pytest.mark.unit
 
@@ -122,18 +123,8 @@ def host() -> Iterator[Host]:
 
 
 def _sandboxed_processes() -> list[str]:
-    """Host processes still running a sandboxed program (any 'main.py' run with -B)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"-B" in argv and any(a.endswith(b"/main.py") for a in argv):
-            found.append(f"{entry.name}: {b' '.join(argv)!r}")
-    return found
+    """Host processes still running a sandboxed program, as "pid: argv"."""
+    return [f"{pid}: {argv}" for pid, argv in sandboxed_programs().items()]
 
 
 @dataclass(frozen=True)
