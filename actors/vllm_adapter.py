@@ -10,7 +10,9 @@ checks them. What is internal here:
 - ``child_seed``: a request with ``n`` > 1 and a seed is split into ``n`` child requests,
   child k seeded with ``seed + k`` (``vllm.v1.engine.parallel_sampling.ParentRequest``).
 - ``stream_generate`` drives ``LLM.llm_engine`` (``add_request``/``step``) to hand out
-  each request as soon as it finishes, instead of ``LLM.generate``'s all-at-end.
+  each request as soon as it finishes, instead of ``LLM.generate``'s all-at-end;
+  ``add_request``/``step``/``abort``/``delta_tokens`` do the same one request at a time
+  for interruptible generation (``actors.partial``).
 """
 
 from __future__ import annotations
@@ -150,6 +152,43 @@ def stream_generate(llm: LLM, requests: Sequence[tuple[str, Sequence[int], Sampl
     while engine.has_unfinished_requests():
         finished = [out for out in engine.step() if out.finished]
         yield from sorted(finished, key=lambda out: submitted[out.request_id])
+
+
+def add_request(llm: LLM, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    llm.llm_engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
+
+
+def step(llm: LLM) -> list[RequestOutput]:
+    """One engine step: the outputs of the requests that advanced in it."""
+    return llm.llm_engine.step()
+
+
+def abort(llm: LLM, request_ids: Sequence[str]) -> None:
+    """Stop requests in flight; their KV blocks are freed and they yield nothing more."""
+    llm.llm_engine.abort_request(list(request_ids))
+
+
+def delta_tokens(out: RequestOutput) -> tuple[list[int], list[float]]:
+    """The tokens an n = 1 request with ``RequestOutputKind.DELTA`` drew since its last
+    output, and the sampled log-prob of each."""
+    (c,) = out.outputs
+    ids = [int(t) for t in c.token_ids]
+    if c.logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs; SamplingParams.logprobs must be set")
+    return ids, [float(entry[tok].logprob) for entry, tok in zip(c.logprobs, ids, strict=True)]
+
+
+def finish_reason(out: RequestOutput) -> str:
+    """"length" for a request cut at its token budget, "stop" otherwise (EOS, stop string)."""
+    return "length" if out.outputs[0].finish_reason == "length" else "stop"
+
+
+def mixed_seed(seed: int, salt: int) -> int:
+    """A seed for ``seed``'s stream number ``salt``, unrelated to ``seed + k``."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2  # within a signed 64-bit seed
 
 
 class WeightSyncExtension:

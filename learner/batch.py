@@ -29,12 +29,17 @@ class Completion:
     logprobs: tuple[float, ...]
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length"
+    # The policy version that drew each token, when a weight push landed while it was
+    # being sampled (partial rollout, ``actors.partial``); empty: all the group's version.
+    versions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(
                 f"completion has {len(self.token_ids)} tokens but {len(self.logprobs)} log-probs"
             )
+        if self.versions and len(self.versions) != len(self.token_ids):
+            raise ValueError(f"completion has {len(self.token_ids)} tokens but {len(self.versions)} versions")
         if not self.token_ids:
             raise ValueError("empty completion: the engine returned no tokens")
 
@@ -60,6 +65,11 @@ class Group:
     @property
     def size(self) -> int:
         return len(self.completions)
+
+    def token_versions(self, k: int) -> tuple[int, ...]:
+        """The policy version of each token of completion ``k``."""
+        c = self.completions[k]
+        return c.versions or (self.policy_version,) * len(c.token_ids)
 
 
 @dataclass(frozen=True)

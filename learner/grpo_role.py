@@ -54,7 +54,8 @@ class StepStats:
     format_sum: float = 0.0
     format_count: float = 0.0
     truncated: float = 0.0
-    staleness_sum: float = 0.0
+    staleness_sum: float = 0.0  # Σ over response tokens of (learner version - the version that drew it)
+    staleness_max: float = 0.0
     gap_sum: float = 0.0
     gap_tokens: float = 0.0
     is_weight_sum: float = 0.0  # off-policy correction: Σ weights over response tokens
@@ -97,7 +98,10 @@ class StepStats:
         self.format_count += len(fmt)
         self.response_tokens += sum(len(c.token_ids) for c in g.group.completions)
         self.truncated += sum(c.finish_reason == "length" for c in g.group.completions)
-        self.staleness_sum += n * (version - g.group.policy_version)
+        for k in range(n):
+            lags = [version - v for v in g.group.token_versions(k)]
+            self.staleness_sum += sum(lags)
+            self.staleness_max = max(self.staleness_max, max(lags))
         self.reward_errors += sum(g.reward_error)
         self.reward_timeouts += sum(g.reward_timeout)
         self.reward_ungradable += sum(g.ungradable)
@@ -113,7 +117,7 @@ class StepStats:
             if f.name in ("components", "gap_by_lag"):
                 combined = {k: [x + y for x, y in zip(a.get(k, [0.0, 0.0]), b.get(k, [0.0, 0.0]), strict=True)]
                             for k in a.keys() | b.keys()}
-            elif f.name.endswith("seconds") or f.name in ("grad_norm", "is_weight_max"):
+            elif f.name.endswith("seconds") or f.name in ("grad_norm", "is_weight_max", "staleness_max"):
                 combined = max(a, b)  # ranks run in parallel, the step takes the slowest
             else:
                 combined = a + b
@@ -130,7 +134,8 @@ class StepStats:
             "format_ok": div(self.format_sum, self.format_count),
             "response_tokens_mean": div(self.response_tokens, self.sequences),
             "truncated_frac": div(self.truncated, self.sequences),
-            "staleness_mean": div(self.staleness_sum, self.sequences),
+            "staleness_mean": div(self.staleness_sum, self.response_tokens),  # per token
+            "staleness_max": self.staleness_max,
             "logprob_gap": div(self.gap_sum, self.gap_tokens),
             "kl": div(self.kl_sum, self.loss_tokens),
             "clip_frac": div(self.clip_count, self.loss_tokens),

@@ -123,6 +123,7 @@ class StageParts:
     reward_sets: Mapping[str, RewardsConfig] = field(default_factory=dict)
     reward_models: tuple[RewardModelSpec, ...] = ()
     max_restarts: int = 0  # Ray restarts of each actor but the learner ranks
+    partial_rollout: bool = False  # rollout engines take weight pushes mid-generation (actors.partial)
 
     @classmethod
     def for_grpo(cls, cfg, *, group_wait_s: float = 3600.0) -> StageParts:
@@ -135,7 +136,7 @@ class StageParts:
         return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
                    learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models,
-                   max_restarts=cfg.run.max_restarts)
+                   max_restarts=cfg.run.max_restarts, partial_rollout=cfg.grpo.partial_rollout)
 
     def plan(self, roles: Sequence[str]) -> placement.PlacementPlan:
         tp = self.rollout.tensor_parallel_size if self.rollout is not None else 1
@@ -218,8 +219,11 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
             parts.model_path, spec.config, rank=a.index, world_size=parts.cluster.learner_workers,
             seed=parts.seed, **spec.kwargs()))
     elif a.role == "rollout":
+        if parts.partial_rollout:  # streams of several launches, a push and queries run at once
+            opts = {**opts, "max_concurrency": PARTIAL_ROLLOUT_CALLS}
         actors.rollouts.append(_remote(RolloutActor).options(**opts).remote(
-            parts.model_path, parts.rollout, a.index, run_name=parts.run_name, bundles=bundles))
+            parts.model_path, parts.rollout, a.index, run_name=parts.run_name, bundles=bundles,
+            partial_rollout=parts.partial_rollout))
     elif a.role == "reference":
         actors.reference = _remote(ReferenceActor).options(**opts).remote(
             parts.model_path, parts.reference, temperature=parts.rollout.temperature)
@@ -234,6 +238,7 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
         actors.reward_sets.setdefault(name, []).append(handle)
 
 
+PARTIAL_ROLLOUT_CALLS = 32  # threads of an interruptible rollout actor (calls; one thread drives the engine)
 READY_S = 1800.0  # an actor built and its model loaded (a large checkpoint from slow storage)
 GROUP_S = 600.0  # a process group formed (every member has to join)
 

@@ -101,6 +101,10 @@ class GRPOConfig(_Frozen):
     max_staleness_steps: int = Field(
         default=0, ge=0, description="how many steps generation may run ahead; 0 = on-policy"
     )
+    partial_rollout: bool = Field(
+        default=False, description="a weight push lands between two engine steps: samples in flight stop, the "
+        "engine loads the new weights and continues them from their tokens so far (each token records the "
+        "version that drew it); without it a push waits for the generation in flight")
     filter_zero_variance: bool = Field(
         default=False, description="DAPO's dynamic sampling: groups whose rewards are all equal (no learning "
         "signal) are dropped and more prompts sampled until the step has prompts_per_step informative groups")
