@@ -36,6 +36,9 @@ class ReferenceConfig(BaseModel):
 
     micro_batch_sequences: int = Field(default=16, ge=1)
     dtype: Literal["fp32", "bf16"] = "fp32"
+    logprob_chunk_tokens: int = Field(
+        default=0, ge=0, description="as learner.logprob_chunk_tokens: 0 takes the full logits, > 0 the LM head "
+        "this many positions at a time")
 
 
 @dataclass(frozen=True)

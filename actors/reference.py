@@ -38,7 +38,8 @@ class ReferenceActor:
             chunk = completions[start : start + step]
             ids, attn, _ = pad_rows([(prompt, c.token_ids) for c in chunk], self.pad_id)  # [n, T] each
             ids, attn = ids.to(self.device), attn.to(self.device)
-            lp = model_logprobs(self.model, ids, attn, temperature=self.temperature).cpu()  # [n, T]
+            lp = model_logprobs(self.model, ids, attn, temperature=self.temperature,
+                                chunk_tokens=self.config.logprob_chunk_tokens).cpu()  # [n, T]
             for i, c in enumerate(chunk):
                 out.append(lp[i, len(prompt) : len(prompt) + len(c.token_ids)].tolist())
         return scored.with_ref_logprobs(out)

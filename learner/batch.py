@@ -230,3 +230,82 @@ def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], p
     if adv.shape[0] != n:
         raise ValueError(f"{adv.shape[0]} advantages for {n} sequences")
     return TrainBatch(input_ids, attention, loss_mask, old, ref, adv, versions)
+
+
+def select_rows(batch: TrainBatch, rows: Sequence[int]) -> TrainBatch:
+    """The sequences ``rows`` of ``batch``, in that order, cut to the longest of them."""
+    index = torch.as_tensor(list(rows), dtype=torch.int64)  # [n]
+    width = int(batch.attention_mask[index].sum(1).max())
+    take = lambda x: None if x is None else x[index][:, :width] if x.dim() == 2 else x[index]  # noqa: E731
+    return TrainBatch(*(take(getattr(batch, f)) for f in batch.__dataclass_fields__))
+
+
+def pack_rows(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The right-padded rows ``input_ids`` ``[N, T]`` laid end to end in one row without
+    their padding: ``(input_ids [1, L], position_ids [1, L])``, L the real tokens, the
+    positions restarting at 0 for each sequence.
+
+    A causal LM that reads sequence boundaries from restarting positions attends within
+    each sequence only: transformers ≥ 5 builds that mask from ``position_ids`` when no
+    attention mask is given and no cache is kept (``masking_utils.find_packed_sequence_indices``,
+    for sdpa and eager attention alike), and flash-attention 2 runs it as variable-length
+    attention. ``tests/unit/test_packing.py`` checks that a packed row gives the padded
+    rows' log-probs.
+    """
+    real = attention_mask.bool()  # [N, T]
+    positions = torch.cumsum(attention_mask, 1) - 1  # [N, T]: right padding, so 0.. per row
+    return input_ids[real][None], positions[real][None]  # [1, L] each
+
+
+def unpack_row(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token ``values`` ``[1, L]`` of a ``pack_rows`` row back in the padded layout
+    ``[N, T]`` of ``attention_mask``, 0 on padding and on each sequence's first token (which
+    in the packed row the previous sequence's last token "predicted"). Differentiable."""
+    real = attention_mask.bool()  # [N, T]
+    first = real.clone()
+    first[:, 1:] = False  # [N, T]: column 0, where every right-padded sequence starts
+    out = values.new_zeros(real.shape)  # [N, T]
+    out = out.masked_scatter(real, values[0])
+    return out.masked_fill(first, 0.0)
+
+
+def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Sequences of ``lengths`` tokens, in order, cut into runs of at most ``max_tokens``
+    tokens: the micro-batches of ``learner.max_tokens_per_micro_batch``, as lists of
+    sequence indices. A sequence longer than ``max_tokens`` is a micro-batch alone."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    out: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not out or used + n > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out
+
+
+def deal_by_tokens(lengths: Sequence[int], ranks: int) -> list[int]:
+    """The rank of each group, so that the ranks' token counts are near equal.
+
+    ``lengths[i]``: group ``i``'s tokens (prompt + responses, all its sequences). Longest
+    first, each group goes to the rank with the fewest tokens so far among the ranks that
+    still take groups (LPT scheduling); ties go to the earlier group and the lower rank,
+    so the same lengths always give the same dealing. Every rank takes ``len // ranks``
+    or one more groups (exactly ``len / ranks`` when it divides, the ``groups_per_rank``
+    each ``GRPOLearner.train_step`` consumes).
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    n = len(lengths)
+    base, extra = divmod(n, ranks)
+    room = [base + (r < extra) for r in range(ranks)]  # groups each rank still takes
+    tokens = [0] * ranks
+    out = [0] * n
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(ranks) if room[r]), key=lambda r: (tokens[r], r))
+        out[i] = r
+        room[r] -= 1
+        tokens[r] += lengths[i]
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LearnerConfig(BaseModel):
@@ -25,8 +25,26 @@ class LearnerConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
     micro_batch_groups: int = Field(default=1, ge=1, description="groups per forward/backward")
+    max_tokens_per_micro_batch: int = Field(
+        default=0, ge=0, description="0: micro-batches of micro_batch_groups groups, padded to the longest "
+        "sequence; > 0: a rank's sequences packed, without padding, into rows of at most this many tokens "
+        "(a longer sequence gets a row alone), one row per forward/backward (micro_batch_groups unused)")
+    logprob_chunk_tokens: int = Field(
+        default=0, ge=0, description="0: log-probs from the full float32 logits [sequences, tokens, vocabulary]; "
+        "> 0: the LM head applied this many positions at a time and recomputed in backward (O(chunk x vocabulary) "
+        "memory, the same math; learner/logprobs.py)")
     gradient_checkpointing: bool = False
     weight_push_bucket_bytes: int = Field(default=64 * 2**20, ge=2**16)
+
+    @model_validator(mode="after")
+    def _chunks_need_an_unsharded_head(self) -> LearnerConfig:
+        if self.logprob_chunk_tokens and self.zero_stage == 3:
+            # Each call of a ZeRO-3 module gathers its weights, a collective; the number of
+            # chunks follows each rank's own token count, so the ranks' gathers would not pair.
+            raise ValueError("learner.logprob_chunk_tokens needs zero_stage <= 2: under ZeRO-3 every chunk "
+                             "gathers the sharded LM head, and ranks with different token counts would not "
+                             "gather together; set learner.logprob_chunk_tokens: 0, or learner.zero_stage: 2")
+        return self
 
 
 class GRPOLossConfig(BaseModel):

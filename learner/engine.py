@@ -100,13 +100,23 @@ class Engine:
         }
 
     # -- compute --------------------------------------------------------------------------
-    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """The model's forward (its output has ``.logits``); callable like the model itself."""
-        return self._ds(input_ids=input_ids, attention_mask=attention_mask)
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_kwargs):
+        """The model's forward (its output has ``.logits``); callable like the model itself,
+        ``model_kwargs`` (``position_ids``, ``output_hidden_states``, ...) passed through."""
+        return self._ds(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
 
-    def backward_step(self, loss: torch.Tensor) -> None:
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The model's LM head."""
+        return self._ds.module.get_output_embeddings()
+
+    def backward_step(self, loss: torch.Tensor, *, last: bool | None = None) -> None:
         """Backward one micro-batch's loss under the sum convention, then ``step``: DeepSpeed
-        applies the optimizer at the accumulation boundary (every ``accumulation_steps`` calls)."""
+        applies the optimizer at the accumulation boundary, every ``accumulation_steps``
+        calls, or, when the caller says (``last``, for a step whose micro-batch count
+        varies), after the call with ``last=True``. The caller then gives every rank the
+        same number of calls: ZeRO-2 and -3 reduce gradients in each backward."""
+        if last is not None:
+            self._ds.set_gradient_accumulation_boundary(last)
         self._ds.backward(loss * self.shape.world_size, scale_wrt_gas=False)
         self._ds.step()
 
@@ -117,10 +127,17 @@ class Engine:
 
     def all_reduce_sum(self, value: float) -> float:
         """``value`` summed over all ranks (float64)."""
+        return self._all_reduce(value, "SUM")
+
+    def all_reduce_max(self, value: float) -> float:
+        """The largest ``value`` of all ranks (float64)."""
+        return self._all_reduce(value, "MAX")
+
+    def _all_reduce(self, value: float, op: str) -> float:
         import torch.distributed as dist
 
         local = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(local)
+        dist.all_reduce(local, op=getattr(dist.ReduceOp, op))
         return float(local.item())
 
     # -- weights --------------------------------------------------------------------------

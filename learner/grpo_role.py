@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from learner import grpo
-from learner.batch import ScoredGroup, TrainBatch, collate
+from learner.batch import (ScoredGroup, TrainBatch, collate, pack_rows, select_rows, token_budget_micro_batches,
+                           unpack_row)
 from learner.config import GRPOLossConfig, LearnerConfig
 from learner.engine import EngineShape
 from learner.logprobs import model_logprobs
@@ -194,14 +195,15 @@ class GRPOLearner(LearnerRank):
                  world_size: int, temperature: float, groups_per_rank: int, samples_per_prompt: int,
                  max_new_tokens: int, seed: int = 0, group_wait_s: float = 3600.0) -> None:
         """A step is ``groups_per_rank`` groups of ``samples_per_prompt`` on each of
-        ``world_size`` ranks, in micro-batches of ``config.micro_batch_groups`` groups,
-        under the loss conventions of ``loss`` (the stage's ``loss`` section).
+        ``world_size`` ranks, in micro-batches of ``config.micro_batch_groups`` groups (or
+        packed rows of ``config.max_tokens_per_micro_batch`` tokens), under the loss
+        conventions of ``loss`` (the stage's ``loss`` section).
         ``temperature``: the sampling temperature (log-probs are taken at it).
         ``max_new_tokens``: the generation budget, Dr. GRPO's loss normaliser.
         ``group_wait_s``: how long ``train_step`` waits for its next group before it
         fails, naming the group (the driver's own deadlines are shorter)."""
         super().__init__(model_path, config, rank=rank, world_size=world_size, seed=seed)
-        if groups_per_rank % config.micro_batch_groups:
+        if not config.max_tokens_per_micro_batch and groups_per_rank % config.micro_batch_groups:
             raise ValueError(f"groups_per_rank ({groups_per_rank}) must be a multiple of "
                              f"learner.micro_batch_groups ({config.micro_batch_groups})")
         if max_new_tokens < 1:
@@ -224,6 +226,11 @@ class GRPOLearner(LearnerRank):
         self._proximal: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (log-probs, IS weights)
 
     def _engine_shape(self) -> EngineShape:
+        if self.config.max_tokens_per_micro_batch:
+            # Packed micro-batches vary in number; each step says where its last one is
+            # (Engine.backward_step), and a step holds at most one per sequence.
+            return EngineShape(self.rank, self.world_size, micro_batch_sequences=1,
+                               accumulation_steps=self.groups_per_rank * self.samples_per_prompt)
         micro = self.config.micro_batch_groups
         return EngineShape(self.rank, self.world_size, micro_batch_sequences=micro * self.samples_per_prompt,
                            accumulation_steps=self.groups_per_rank // micro)
@@ -263,6 +270,8 @@ class GRPOLearner(LearnerRank):
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, step: int) -> StepStats:
         """Consume ``groups_per_rank`` groups (as they arrive), update, return stats."""
+        if self.config.max_tokens_per_micro_batch:
+            return self._packed_step()
         cfg, loss = self.config, self.loss
         stats = StepStats()
         num_sequences = self.groups_per_rank * self.samples_per_prompt * self.world_size
@@ -296,14 +305,68 @@ class GRPOLearner(LearnerRank):
         self.version += 1
         return stats
 
+    def _packed_step(self) -> StepStats:
+        """``train_step`` with ``learner.max_tokens_per_micro_batch``: all of the rank's
+        groups first (a micro-batch can take sequences of several groups, so none starts
+        before the last group is in), then packed rows of at most that many tokens. Ranks
+        may cut different numbers of micro-batches; the ones with fewer make idle calls,
+        so that every rank reduces gradients as often (ZeRO-2 and -3 reduce in backward)."""
+        stats = StepStats()
+        groups = []
+        for _ in range(self.groups_per_rank):
+            group, waited = self._next_group()
+            stats.wait_seconds += waited
+            stats.count(group, self.version)
+            groups.append(group)
+        t0 = time.monotonic()
+        whole = self._collate(groups)
+        lengths = whole.attention_mask.sum(1).tolist()  # [N]
+        batches = [select_rows(whole, rows)
+                   for rows in token_budget_micro_batches(lengths, self.config.max_tokens_per_micro_batch)]
+        calls = int(self.engine.all_reduce_max(float(len(batches))))
+        num_sequences = self.groups_per_rank * self.samples_per_prompt * self.world_size
+        num_tokens = int(self.engine.all_reduce_sum(float(whole.num_response_tokens)))
+        for p in range(self.loss.updates_per_batch):
+            for k in range(calls):
+                if k < len(batches):
+                    self._backward(batches[k], stats, num_sequences, num_tokens, first_pass=(p == 0),
+                                   last=k == calls - 1)
+                else:
+                    self._idle_backward(last=k == calls - 1)
+            stats.grad_norm = self.engine.grad_norm()
+        self._proximal.clear()
+        stats.learner_seconds = time.monotonic() - t0
+        self.version += 1
+        return stats
+
+    def _logprobs(self, b: TrainBatch) -> torch.Tensor:
+        """``[N, T]`` π_θ log-probs of ``b``'s tokens; with packed micro-batches the model
+        runs on one row of the real tokens, the result laid back out as ``b``."""
+        chunk = self.config.logprob_chunk_tokens
+        if not self.config.max_tokens_per_micro_batch:
+            return model_logprobs(self.engine, b.input_ids, b.attention_mask, temperature=self.temperature,
+                                  chunk_tokens=chunk)  # [N, T]
+        ids, positions = pack_rows(b.attention_mask, b.input_ids)  # [1, L] each
+        lp = model_logprobs(self.engine, ids, None, temperature=self.temperature, chunk_tokens=chunk,
+                            position_ids=positions)  # [1, L]
+        return unpack_row(lp, b.attention_mask)  # [N, T]
+
+    def _idle_backward(self, *, last: bool) -> None:
+        """A micro-batch with no data: a zero loss on a two-token row, for a rank that cut
+        fewer packed micro-batches than another (every parameter gets a zero gradient)."""
+        ids = torch.full((1, 2), self.engine.pad_id, dtype=torch.int64, device=self.engine.device)  # [1, 2]
+        lp = model_logprobs(self.engine, ids, None, temperature=self.temperature,
+                            chunk_tokens=self.config.logprob_chunk_tokens)  # [1, 2]
+        self.engine.backward_step(lp.sum() * 0.0, last=last)
+
     def _backward(self, batch: TrainBatch, stats: StepStats, num_sequences: int,
-                  num_tokens: int | None, *, first_pass: bool) -> None:
+                  num_tokens: int | None, *, first_pass: bool, last: bool | None = None) -> None:
         cfg = self.loss
         b = batch.to(self.engine.device)
-        logp = model_logprobs(self.engine, b.input_ids, b.attention_mask, temperature=self.temperature)  # [N, T]
-        if first_pass:
+        logp = self._logprobs(b)  # [N, T]
+        n_tok = float(b.loss_mask.sum())
+        if first_pass and n_tok:  # a micro-batch of masked responses only has no gap (not nan)
             gap = grpo.logprob_gap(logp.detach(), b.old_logprobs, b.loss_mask)
-            n_tok = float(b.loss_mask.sum())
             stats.gap_sum += float(gap) * n_tok
             stats.gap_tokens += n_tok
             self._gap_by_lag(stats, logp.detach(), b)
@@ -337,7 +400,7 @@ class GRPOLearner(LearnerRank):
             stats.clip_count += float(m.clip_low_count + m.clip_high_count)
             if not math.isnan(float(m.kl_sum)):
                 stats.kl_sum += float(m.kl_sum)
-        self.engine.backward_step(loss)
+        self.engine.backward_step(loss, last=last)
 
     def _gap_by_lag(self, stats: StepStats, logp: torch.Tensor, b: TrainBatch) -> None:
         """|rollout - learner| log-prob per token, by how many versions behind the learner
@@ -396,5 +459,6 @@ class GRPOLearner(LearnerRank):
         the sampling temperature."""
         ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self.engine.device)  # [1, T]
         with torch.no_grad():
-            lp = model_logprobs(self.engine, ids, None, temperature=self.temperature)[0]  # [T]
+            lp = model_logprobs(self.engine, ids, None, temperature=self.temperature,
+                                chunk_tokens=self.config.logprob_chunk_tokens)[0]  # [T]
         return lp[len(prompt_ids) :].tolist()

@@ -36,14 +36,33 @@ def input_logprobs(logits: Tensor, input_ids: Tensor, *, temperature: float) -> 
     return torch.nn.functional.pad(lp, (1, 0))  # [N, T], column 0 predicts nothing
 
 
-def model_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, *, temperature: float) -> Tensor:
-    """``input_logprobs`` of ``model(input_ids, attention_mask).logits``: ``[N, T]``.
+def model_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, *, temperature: float,
+                   chunk_tokens: int = 0, position_ids: Tensor | None = None) -> Tensor:
+    """Per-token log-probs ``[N, T]`` of ``input_ids`` under ``model``: the one function the
+    GRPO role (training and ``sequence_logprobs``) and the reference actor call.
 
-    ``model`` is any callable returning an object with ``.logits`` (a transformers causal
-    LM, or a DeepSpeed engine wrapping one). Gradients flow unless the caller disables them.
+    ``model`` is a transformers causal LM, or anything called like one that also has
+    ``get_output_embeddings()`` (``learner.engine.Engine``). ``chunk_tokens`` 0 takes the
+    full float32 logits ``[N, T, V]`` (``input_logprobs``); ``chunk_tokens`` > 0 asks the
+    model for its final hidden states instead (its own LM head then runs on one position
+    only) and applies the head ``chunk_tokens`` positions at a time
+    (``chunked_input_logprobs``): O(chunk_tokens × V) memory, the same float32 math. Not
+    under ZeRO-3 (``LearnerConfig`` says why).
+    ``position_ids`` (with ``attention_mask`` None) runs packed rows: ``learner.batch.pack_rows``.
+    Gradients flow unless the caller disables them.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, T, V]
-    return input_logprobs(logits, input_ids, temperature=temperature)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)  # no cache: transformers reads packing from positions
+    if not chunk_tokens:
+        logits = model(**inputs).logits  # [N, T, V]
+        return input_logprobs(logits, input_ids, temperature=temperature)
+    # The last hidden states come after the final norm: what the head reads (tested).
+    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # [N, T, H]
+    head = model.get_output_embeddings()
+    lp, _ = _chunked(hidden, head, input_ids, temperature=temperature, chunk_tokens=chunk_tokens,
+                     head_trains=any(p.requires_grad for p in head.parameters()))
+    return lp
 
 
 def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tensor, *, temperature: float,
@@ -58,6 +77,19 @@ def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tenso
     ``(log-probs [N, T], entropy [N, T])``: log-probs as ``input_logprobs`` (column 0 is 0),
     and the entropy of each position's distribution at ``temperature`` (detached, a metric).
     """
+    def head(x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, head_weight, head_bias)  # [C, V]
+
+    trains = head_weight.requires_grad or (head_bias is not None and head_bias.requires_grad)
+    return _chunked(hidden, head, input_ids, temperature=temperature, chunk_tokens=chunk_tokens, head_trains=trains)
+
+
+def _chunked(hidden: Tensor, head, input_ids: Tensor, *, temperature: float, chunk_tokens: int,
+             head_trains: bool) -> tuple[Tensor, Tensor]:
+    """``chunked_input_logprobs`` with the LM head as a callable ``[C, H] → [C, V]`` (a
+    model's own head module, bias and all). ``head_trains``: whether the head's
+    weights need gradients (then each chunk is recomputed in backward even when the hidden
+    states need none)."""
     from torch.utils.checkpoint import checkpoint
 
     if chunk_tokens < 1:
@@ -70,14 +102,14 @@ def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tenso
     targets = input_ids[:, 1:].reshape(-1)  # [N*(T-1)]
 
     def piece(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = torch.nn.functional.linear(x, head_weight, head_bias)[None]  # [1, C, V]
+        logits = head(x)[None]  # [1, C, V]
         return (token_logprobs(logits, y[None], temperature=temperature)[0],  # [C]
                 token_entropy(logits, temperature=temperature)[0])  # [C]
 
     lps, ents = [], []
     for start in range(0, states.shape[0], chunk_tokens):
         x, y = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and (x.requires_grad or head_weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or head_trains):
             lp, ent = checkpoint(piece, x, y, use_reentrant=False)
         else:
             lp, ent = piece(x, y)
