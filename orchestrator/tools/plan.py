@@ -21,17 +21,21 @@ Memory per GPU (bytes; P parameters; L learner ranks; b = bytes of the learner d
   weights P·b, gradients P·b, optimizer P·(8 + 4 if bf16) (Adam m and v in fp32, plus the
   fp32 master weights under bf16). ZeRO-1 divides the optimizer by L, ZeRO-2 also the
   gradients, ZeRO-3 also the weights.
-- learner activations for one micro-batch of ``S = micro_batch_groups · G · max_model_len``
-  tokens (``max_model_len`` bounds prompt + response, so this is the padded worst case):
+- learner activations for one micro-batch of ``S`` tokens: ``learner.max_tokens_per_micro_batch``
+  when micro-batches are packed, else ``micro_batch_groups · G · max_model_len``
+  (``max_model_len`` bounds prompt + response, so this is the padded worst case):
   per token per layer ``b · (8·h + 4·I)`` (h hidden, I intermediate: the attention block's
   inputs, q/k/v and output, the SwiGLU gate, up, activation and product; flash attention
   keeps no T×T scores); with gradient checkpointing only each layer's input ``b·h`` plus one
   layer's full set. Plus the logits: ``S · V · (b + 8)`` — the model's logits, the fp32 copy
   the log-prob keeps for backward, and one fp32 temporary of the same size (logsumexp's
   exponentials in forward, the logits' gradient in backward). At long lengths the logits
-  dominate.
+  dominate — unless ``learner.logprob_chunk_tokens`` C is set: then only one chunk's
+  logits live at a time, in forward and in its recomputation in backward, and the term is
+  ``min(C, S) · V · (b + 8)``.
 - reference model: weights P·b_ref plus logits for ``reference.micro_batch_sequences ·
-  max_model_len`` tokens at ``(b_ref + 8)`` bytes each (no gradients, no kept activations).
+  max_model_len`` tokens (``reference.logprob_chunk_tokens`` when that is set and fewer) at
+  ``(b_ref + 8)`` bytes each (no gradients, no kept activations).
 - rollout engine: vLLM claims ``gpu_memory_utilization`` of each of its GPUs; within it the
   weights (P·2 for bf16/auto, /tensor_parallel_size) and the KV cache take the rest
   (minus a 10% allowance for its activations). The KV cache must hold at least one full
@@ -218,21 +222,30 @@ def learner_memory(cfg, m: ModelShape) -> dict[str, int]:
     weights = P * b // (L if z >= 3 else 1)
     grads = P * b // (L if z >= 2 else 1)
     optim = P * (8 + (4 if lc.dtype == "bf16" else 0)) // (L if z >= 1 else 1)
-    tokens = lc.micro_batch_groups * cfg.grpo.samples_per_prompt * cfg.rollout.max_model_len
+    tokens = micro_batch_tokens(cfg)
     h, layers = m.hidden_size, m.num_layers
     full_layer = b * (8 * h + 4 * m.intermediate_size)  # per token
     if lc.gradient_checkpointing:
         acts = tokens * (layers * b * h + full_layer)
     else:
         acts = tokens * layers * full_layer
-    logits = tokens * m.vocab_size * (b + 8)
+    logits = min(lc.logprob_chunk_tokens or tokens, tokens) * m.vocab_size * (b + 8)
     return {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts,
             "logits": logits, "context": CONTEXT_BYTES}
+
+
+def micro_batch_tokens(cfg) -> int:
+    """The most tokens one learner forward takes: a packed row's budget, or padded groups."""
+    lc = cfg.learner
+    if lc.max_tokens_per_micro_batch:
+        return lc.max_tokens_per_micro_batch
+    return lc.micro_batch_groups * cfg.grpo.samples_per_prompt * cfg.rollout.max_model_len
 
 
 def reference_memory(cfg, m: ModelShape) -> dict[str, int]:
     b = 2 if cfg.reference.dtype == "bf16" else 4
     tokens = cfg.reference.micro_batch_sequences * cfg.rollout.max_model_len
+    tokens = min(cfg.reference.logprob_chunk_tokens or tokens, tokens)
     return {"weights": m.params * b, "logits": tokens * m.vocab_size * (b + 8), "context": CONTEXT_BYTES}
 
 
@@ -421,7 +434,8 @@ def _memory_problems(cfg, plan: Plan) -> list[str]:
             if not cfg.learner.gradient_checkpointing and lm["activations"] > cap / 4:
                 fixes.append("set learner.gradient_checkpointing=true")
             if lm["logits"] > cap / 4:
-                fixes.append("lower rollout.max_model_len or learner.micro_batch_groups "
+                chunk = "set learner.logprob_chunk_tokens (e.g. 1024), or " if cfg.learner.zero_stage < 3 else ""
+                fixes.append(f"{chunk}lower rollout.max_model_len or learner.micro_batch_groups "
                              "(the learner's logits are micro_batch_groups·G·max_model_len·vocab)")
         if "reference" in names and "learner" in names:
             fixes.append("lower reference.micro_batch_sequences or set "

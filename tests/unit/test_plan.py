@@ -80,6 +80,18 @@ def test_memory_by_hand(tiny_model: Path) -> None:
     assert plan.gpu_bytes(0, 0) == by["learner.0"].bytes_per_gpu + by["reference"].bytes_per_gpu
 
 
+def test_memory_with_chunked_logprobs_and_packed_micro_batches(tiny_model: Path) -> None:
+    cfg = tiny_cfg(tiny_model, logprob_chunk_tokens=16, max_tokens_per_micro_batch=96)
+    cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"logprob_chunk_tokens": 8})})
+    by = {a.name: a for a in make_plan(cfg, 1, 3, 4 * GiB).actors}
+    # packed micro-batches of 96 tokens: activations 96 * 2 layers * 2 bytes * (8*64 + 4*128) = 393,216
+    # one chunk of logits at a time: 16 positions * vocab 1000 * (2 + 8) = 160,000
+    assert by["learner.0"].memory["activations"] == 393_216
+    assert by["learner.0"].memory["logits"] == 160_000
+    # reference, fp32: 8 positions * 1000 * (4 + 8) = 96,000
+    assert by["reference"].memory["logits"] == 96_000
+
+
 def test_gradient_checkpointing_keeps_layer_inputs(tiny_model: Path) -> None:
     plan = make_plan(tiny_cfg(tiny_model, gradient_checkpointing=True), 1, 3, 4 * GiB)
     # 128 tokens * (2 layers * 2 bytes * 64 hidden + one full layer 2 * (8*64 + 4*128)) = 128 * 2304
