@@ -61,7 +61,7 @@ def model_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, *, t
     hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # [N, T, H]
     head = model.get_output_embeddings()
     lp, _ = _chunked(hidden, head, input_ids, temperature=temperature, chunk_tokens=chunk_tokens,
-                     head_trains=any(p.requires_grad for p in head.parameters()))
+                     head_trains=any(p.requires_grad for p in head.parameters()), entropy=False)
     return lp
 
 
@@ -81,15 +81,18 @@ def chunked_input_logprobs(hidden: Tensor, head_weight: Tensor, input_ids: Tenso
         return torch.nn.functional.linear(x, head_weight, head_bias)  # [C, V]
 
     trains = head_weight.requires_grad or (head_bias is not None and head_bias.requires_grad)
-    return _chunked(hidden, head, input_ids, temperature=temperature, chunk_tokens=chunk_tokens, head_trains=trains)
+    lp, ent = _chunked(hidden, head, input_ids, temperature=temperature, chunk_tokens=chunk_tokens,
+                       head_trains=trains, entropy=True)
+    return lp, ent
 
 
 def _chunked(hidden: Tensor, head, input_ids: Tensor, *, temperature: float, chunk_tokens: int,
-             head_trains: bool) -> tuple[Tensor, Tensor]:
+             head_trains: bool, entropy: bool) -> tuple[Tensor, Tensor | None]:
     """``chunked_input_logprobs`` with the LM head as a callable ``[C, H] → [C, V]`` (a
     model's own head module, bias and all). ``head_trains``: whether the head's
     weights need gradients (then each chunk is recomputed in backward even when the hidden
-    states need none)."""
+    states need none). ``entropy`` False returns None for it: its temporaries (two more
+    ``[C, V]`` tensors, in forward and again in the recomputation) are a third of the peak."""
     from torch.utils.checkpoint import checkpoint
 
     if chunk_tokens < 1:
@@ -101,20 +104,21 @@ def _chunked(hidden: Tensor, head, input_ids: Tensor, *, temperature: float, chu
     states = hidden[:, :-1].reshape(-1, h)  # [N*(T-1), H]: position t predicts token t + 1
     targets = input_ids[:, 1:].reshape(-1)  # [N*(T-1)]
 
-    def piece(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def piece(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         logits = head(x)[None]  # [1, C, V]
-        return (token_logprobs(logits, y[None], temperature=temperature)[0],  # [C]
-                token_entropy(logits, temperature=temperature)[0])  # [C]
+        lp = token_logprobs(logits, y[None], temperature=temperature)[0]  # [C]
+        return (lp, token_entropy(logits, temperature=temperature)[0]) if entropy else (lp,)  # [C] each
 
     lps, ents = [], []
     for start in range(0, states.shape[0], chunk_tokens):
         x, y = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if torch.is_grad_enabled() and (x.requires_grad or head_trains):
-            lp, ent = checkpoint(piece, x, y, use_reentrant=False)
+            out = checkpoint(piece, x, y, use_reentrant=False)
         else:
-            lp, ent = piece(x, y)
-        lps.append(lp)
-        ents.append(ent.detach())
-    lp = torch.cat(lps).reshape(n, t - 1)  # [N, T-1]
-    ent = torch.cat(ents).reshape(n, t - 1)  # [N, T-1]
-    return torch.nn.functional.pad(lp, (1, 0)), torch.nn.functional.pad(ent, (1, 0))  # [N, T] each
+            out = piece(x, y)
+        lps.append(out[0])
+        ents.extend(e.detach() for e in out[1:])
+    lp = torch.nn.functional.pad(torch.cat(lps).reshape(n, t - 1), (1, 0))  # [N, T]
+    if not entropy:
+        return lp, None
+    return lp, torch.nn.functional.pad(torch.cat(ents).reshape(n, t - 1), (1, 0))  # [N, T] each
