@@ -134,7 +134,19 @@ class Whereabouts:
 def whereabouts(actor_id: str) -> Whereabouts:
     from ray._private import state as ray_state  # the GCS table: works without the dashboard
 
-    info = ray_state.actors(actor_id=actor_id) or {}
+    return _whereabouts(ray_state.actors(actor_id=actor_id) or {})
+
+
+def whereabouts_all(actor_ids: Sequence[str]) -> dict[str, Whereabouts]:
+    """``whereabouts`` of many actors of this job in one read of the control store (one
+    read an actor cost about 1 ms of the driver's CPU each, every step, at 256 engines)."""
+    from ray._private import state as ray_state
+
+    table = ray_state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
+    return {a: _whereabouts(table.get(a) or {}) for a in actor_ids}
+
+
+def _whereabouts(info: dict) -> Whereabouts:
     address = info.get("Address") or {}
     return Whereabouts(str(info.get("State", "UNKNOWN")), str(address.get("NodeID", "?")),
                        str(address.get("IPAddress", "?")), int(info.get("Pid") or 0),
@@ -254,10 +266,10 @@ class Keeper:
     def sweep(self) -> None:
         """Count the restarts nothing failed on (an actor killed while idle: Ray restarted
         it before its next call)."""
-        for member in self.roster.members:
-            if member.role == "learner":
-                continue
-            where = whereabouts(member.actor_id)
+        members = [m for m in self.roster.members if m.role != "learner"]
+        table = whereabouts_all([m.actor_id for m in members])
+        for member in members:
+            where = table[member.actor_id]
             if where.restarts > member.restarts_seen:
                 self.restarts[member.role] += where.restarts - member.restarts_seen
                 member.restarts_seen = where.restarts
@@ -348,11 +360,18 @@ class Flight:
         due = min([s.deadline for s in launch.streams] + [g.deadline for g in self.groups.values()])
         ready, _ = ray.wait(waits, num_returns=1, timeout=max(0.0, min(due - time.monotonic(), 5.0)))
         if ready:
-            stream = next((s for s in launch.streams if s.gen is ready[0]), None)
-            if stream is not None:
-                self._read(stream)
-            else:
-                self._finish(next(g for g in self.groups.values() if g.hops[-1].ref == ready[0]))
+            # Take everything ready by now in one pass: a wait costs the driver time in
+            # proportion to what it watches (hundreds of engines, thousands of groups).
+            if len(waits) > 1:
+                ready, _ = ray.wait(waits, num_returns=len(waits), timeout=0)
+            streams = {id(s.gen): s for s in launch.streams}
+            groups = {g.hops[-1].ref: g for g in self.groups.values()}
+            for item in ready:
+                stream = streams.get(id(item))
+                if stream is not None:
+                    self._read(stream)
+                else:
+                    self._finish(groups[item])
             return
         now = time.monotonic()
         for s in list(launch.streams):

@@ -126,9 +126,12 @@ class Inputs:
 
 class GRPOTrainer:
     """One attempt at the stage: the actors, and the driver's state between steps.
-    ``restarts``: restarts per role so far in this run (shared across attempts)."""
+    ``restarts``: restarts per role so far in this run (shared across attempts).
+    ``actors``: actors already started with the methods of the stage's roles (the
+    pipeline benchmark's simulated ones); None starts the real ones."""
 
-    def __init__(self, prepared: storage.Prepared, inputs_: Inputs, restarts: Counter | None = None) -> None:
+    def __init__(self, prepared: storage.Prepared, inputs_: Inputs, restarts: Counter | None = None,
+                 actors: cluster.StageActors | None = None) -> None:
         cfg = prepared.local
         self.cfg = cfg
         self.storage = prepared.run
@@ -143,7 +146,7 @@ class GRPOTrainer:
         parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (self.deadlines.generation_s
                                                                              + self.deadlines.scoring_s
                                                                              + self.deadlines.restart_s))
-        self.actors = cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
+        self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
         self.backend = ray.get(self.actors.learners[0].collective_backend.remote(), timeout=cluster.GROUP_S)
         cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
@@ -306,7 +309,9 @@ class GRPOTrainer:
         return time.monotonic() - t0
 
     def engine_restarts(self) -> list[int]:
-        return [supervise.whereabouts(self.roster.of(e).actor_id).restarts for e in self.actors.rollouts]
+        ids = [self.roster.of(e).actor_id for e in self.actors.rollouts]
+        table = supervise.whereabouts_all(ids)
+        return [table[a].restarts for a in ids]
 
     def regroup(self) -> None:
         """Form the weight-push group anew, once every engine answers (an engine restarted
@@ -350,6 +355,8 @@ class GRPOTrainer:
             **m,
             **{f"restarts/{role}": self.keeper.restarts[role] for role in ROLES},
             "rollout_tokens_per_s": stats.response_tokens / rollout_s if rollout_s > 0 else float("nan"),
+            "rollout_s": rollout_s,  # from the launch of the step's generation to its last group
+            "learner_s": stats.learner_seconds,  # the slowest rank's compute (waiting for groups left out)
             "weight_push_s": push_s,
             "step_s": step_s,
             "time_s": time.monotonic() - self.launched_at,  # since `run` was called: time to an accuracy
