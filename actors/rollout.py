@@ -57,6 +57,7 @@ class RolloutActor:
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
                  run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False) -> None:
         vllm_adapter.in_process_engine_env()
+        vllm_adapter.quiet_rotary_reload_warning()
         self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
         self.config = config
         self.engine_index = engine_index

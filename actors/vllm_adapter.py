@@ -17,6 +17,7 @@ checks them. What is internal here:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -250,6 +251,20 @@ def child_seed(seed: int, index: int) -> int:
     """The seed vLLM samples completion ``index`` of a request seeded ``seed`` with (each
     child request gets its own generator; ``tests/unit/test_resume.py`` checks the rule)."""
     return seed + index
+
+
+class _RotaryReload(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every weight push: the
+    rotary cos/sin cache is a buffer computed at start-up, never in a checkpoint, so a
+    reload finds nothing for it and puts the original back (the push stays exact:
+    ``tests/ray/test_weight_push.py``). Any other layer's failure still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+def quiet_rotary_reload_warning() -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReload())
 
 
 def in_process_engine_env() -> None:
