@@ -28,7 +28,8 @@ class LearnerConfig(BaseModel):
     max_tokens_per_micro_batch: int = Field(
         default=0, ge=0, description="0: micro-batches of micro_batch_groups groups, padded to the longest "
         "sequence; > 0: a rank's sequences packed, without padding, into rows of at most this many tokens "
-        "(a longer sequence gets a row alone), one row per forward/backward (micro_batch_groups unused)")
+        "(a longer sequence gets a row alone), one row per forward/backward (micro_batch_groups unused); "
+        "a rank's backward then starts once all its groups are in")
     logprob_chunk_tokens: int = Field(
         default=0, ge=0, description="0: log-probs from the full float32 logits [sequences, tokens, vocabulary]; "
         "> 0: the LM head applied this many positions at a time and recomputed in backward (O(chunk x vocabulary) "
