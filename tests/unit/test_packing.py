@@ -194,3 +194,33 @@ def test_chunked_log_probs_are_refused_under_zero3():
     LearnerConfig(zero_stage=3, max_tokens_per_micro_batch=8192)
     with pytest.raises(ValueError, match="logprob_chunk_tokens needs zero_stage <= 2"):
         LearnerConfig(zero_stage=3, logprob_chunk_tokens=1024)
+
+
+def test_reference_actor_and_sequence_logprobs_take_the_chunked_path(tiny_model):
+    """The other two callers of ``model_logprobs``: π_ref's log-probs of a group and the
+    learner's ``sequence_logprobs`` agree with and without chunks (1e-6)."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.config import ReferenceConfig
+    from actors.reference import ReferenceActor
+    from learner.config import GRPOLossConfig, LearnerConfig
+    from learner.grpo_role import GRPOLearner
+
+    group = _groups(ref=False)[1]
+    full, chunked = (ReferenceActor(str(tiny_model), ReferenceConfig(micro_batch_sequences=2, logprob_chunk_tokens=c),
+                                    temperature=0.9).add_ref_logprobs(group) for c in (0, 5))
+    for a, b in zip(full.ref_logprobs, chunked.ref_logprobs, strict=True):
+        assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompt, response = group.group.prompt_ids, group.group.completions[0].token_ids
+    got = []
+    for chunk in (0, 3):
+        learner = GRPOLearner(str(tiny_model), LearnerConfig(logprob_chunk_tokens=chunk), loss=GRPOLossConfig(),
+                              rank=0, world_size=1, temperature=0.9, groups_per_rank=1, samples_per_prompt=3,
+                              max_new_tokens=16)
+        learner._engine = _Engine(model)
+        got.append(learner.sequence_logprobs(prompt, response))
+    assert len(got[0]) == len(response) and max(abs(x - y) for x, y in zip(*got, strict=True)) < 1e-6
+    # π_ref is the same function of the same weights: the reference actor's numbers.
+    assert max(abs(x - y) for x, y in zip(got[0], full.ref_logprobs[0], strict=True)) < 1e-6
