@@ -79,6 +79,7 @@ class RolloutActor:
         self._setup = _engine_setup(kwargs, env, bundles)
         self.llm = vllm_adapter.make_llm(kwargs)
         self._version = 0
+        self._first_request_at: float | None = None  # time.time() of the first generation request
         self._request_seq = 0
         self._spec: WeightSpec | None = None
         self._engine = (InterruptibleEngine(self.llm, self._sample_params, name=f"rollout-{engine_index}")
@@ -131,6 +132,8 @@ class RolloutActor:
                                f"expected {expect_version} (restarted since its last weight push?)")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        if self._first_request_at is None:
+            self._first_request_at = time.time()
         if self._engine is not None:
             yield from self._stream_partial(prompts, samples_per_prompt, seeds=seeds, temperature=temperature,
                                             top_p=top_p, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
@@ -198,6 +201,10 @@ class RolloutActor:
         return SamplingParams(n=1, temperature=s.sampling["temperature"], top_p=s.sampling["top_p"],
                               max_tokens=s.left, logprobs=0, seed=continuation_seed(s.seed, s.resumes),
                               ignore_eos=s.sampling["ignore_eos"], output_kind=RequestOutputKind.DELTA)
+
+    def first_request_at(self) -> float | None:
+        """When (``time.time``) this engine was first asked to generate (start-up timing)."""
+        return self._first_request_at
 
     def in_flight(self) -> dict[str, int]:
         """Interruptible engines: tokens drawn and samples continued after a push, since start."""

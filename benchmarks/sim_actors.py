@@ -69,6 +69,9 @@ class SimEngine:
     def version(self) -> int:
         return self._version
 
+    def first_request_at(self) -> float | None:
+        return None
+
     def busy(self) -> float:
         with self._cond:
             self._advance()

@@ -161,6 +161,7 @@ class StageActors:
     reward_sets: dict[str, list] = field(default_factory=dict)  # set name -> its reward actors
     reference: object | None = None
     reward_model: object | None = None
+    ready_at: dict[str, float] = field(default_factory=dict)  # label -> when it was ready (monotonic)
 
     def shutdown(self) -> None:
         for a in self.rewards:
@@ -244,19 +245,23 @@ GROUP_S = 600.0  # a process group formed (every member has to join)
 
 
 def _wait_ready(actors: StageActors) -> None:
+    """Every actor built and the learner ranks in their group; ``actors.ready_at`` records
+    when each was (all wait at once: each is timed on its own)."""
     from orchestrator.supervise import await_all
 
-    if actors.learners:
-        (master,) = await_all([("learner 0", actors.learners[0], actors.learners[0].address.remote())],
-                              "starting", READY_S)
-        sizes = await_all([(f"learner {i}", w, w.setup.remote(*master)) for i, w in enumerate(actors.learners)],
-                          "joining the learner group", READY_S)
-        log.info("learner group of %d ranks ready (%d parameters)", len(sizes), sizes[0])
     others = [(f"rollout {i}", a, a.ready.remote()) for i, a in enumerate(actors.rollouts)]
     others += [(f"reward {i}", a, a.ready.remote()) for i, a in enumerate(actors.rewards)]
     others += [(role, a, a.ready.remote()) for role, a in (("reference", actors.reference),
                                                             ("reward_model", actors.reward_model)) if a is not None]
-    await_all(others, "starting", READY_S)
+    setups = []
+    if actors.learners:
+        (master,) = await_all([("learner 0", actors.learners[0], actors.learners[0].address.remote())],
+                              "starting", READY_S)
+        setups = [(f"learner {i}", w, w.setup.remote(*master)) for i, w in enumerate(actors.learners)]
+    done = await_all(setups + others, "starting (learner ranks: joining their group)", READY_S,
+                     done_at=actors.ready_at)
+    if setups:
+        log.info("learner group of %d ranks ready (%d parameters)", len(setups), done[0])
 
 
 def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int, *,

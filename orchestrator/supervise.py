@@ -508,16 +508,21 @@ def collect(actors, keeper: Keeper, prompts: Sequence, samples_per_prompt: int, 
     return sorted(scored, key=lambda s: s.group.prompt_index)
 
 
-def await_all(calls: Sequence[tuple[str, object, ray.ObjectRef]], what: str, timeout_s: float) -> list:
+def await_all(calls: Sequence[tuple[str, object, ray.ObjectRef]], what: str, timeout_s: float,
+              done_at: dict[str, float] | None = None) -> list:
     """The results of ``calls`` ((label, actor, result) each) within ``timeout_s``; past it,
-    ``ActorGone`` names each late actor with its node and pid, after logging its stack."""
+    ``ActorGone`` names each late actor with its node and pid, after logging its stack.
+    ``done_at``: receives the time (``time.monotonic``) each label's call finished."""
     refs = [ref for _, _, ref in calls]
+    labels = {ref: label for label, _, ref in calls}
     deadline, late = time.monotonic() + timeout_s, list(refs)
     while late:  # one at a time: an error (one member died) ends the wait at once
         done, late = ray.wait(late, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not done:
             break
         ray.get(done[0])
+        if done_at is not None:
+            done_at[labels[done[0]]] = time.monotonic()
     if late:
         names = []
         for label, actor, ref in calls:

@@ -44,6 +44,7 @@ PROMPTS = "prompts.jsonl"  # per step: the indices of the prompts it trained on
 LEARNER_TAG = "learner"  # the DeepSpeed tag inside a checkpoint folder
 PENDING = "ahead.pkl"  # in a checkpoint: the groups generated for later steps
 FAULTS = "faults.jsonl"  # one row per actor lost, hung or restarted
+STARTUP = "startup.json"  # where the first attempt's start-up went
 ROLES = ("learner", "rollout", "reward", "reference", "reward_model")
 
 
@@ -140,7 +141,9 @@ class GRPOTrainer:
         self.items = inputs_.items
         self.sampler = PromptSampler(self.items, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                                      kind_weights=cfg.data.kind_weights)
+        self.marks = {"attempt": time.monotonic()}  # when start-up reached each point (STARTUP)
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        self.marks["ray"] = time.monotonic()
         self.deadlines = supervise.Deadlines.for_grpo(cfg)
         rounds = cfg.grpo.max_sampling_rounds if cfg.grpo.filter_zero_variance else 1
         parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (self.deadlines.generation_s
@@ -148,7 +151,9 @@ class GRPOTrainer:
                                                                              + self.deadlines.restart_s))
         self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
         self.backend = ray.get(self.actors.learners[0].collective_backend.remote(), timeout=cluster.GROUP_S)
+        self.marks["actors"] = time.monotonic()
         cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
+        self.marks["weight_push_group"] = time.monotonic()
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
         self.roster = supervise.Roster(self.actors)
         self.keeper = supervise.Keeper(self.roster, self.deadlines, cfg.run.max_restarts, on_event=self.log_fault,
@@ -184,10 +189,29 @@ class GRPOTrainer:
         self.version += 1
         push_s = self.push_weights(self.version)
         self.keeper.sweep()
+        if "step" not in self.marks:
+            self.marks["step"] = time.monotonic()
+            self.write_startup()
         extra = {"extra_prompt_indices": sampling.pop("extra_prompt_indices")} if sampling else {}
         self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices),
                                                  **extra}) + "\n")
         return {**self.record(step, stats, rollout_s, push_s, time.monotonic() - t0), **sampling}
+
+    def write_startup(self) -> None:
+        """``STARTUP``: seconds from ``r1lab run`` to each point of start-up, each actor
+        built, and the first generation request reaching an engine."""
+        since = lambda t: round(t - self.launched_at, 2)  # noqa: E731
+        wall_launch = time.time() - (time.monotonic() - self.launched_at)
+        asked = [t for t in ray.get([e.first_request_at.remote() for e in self.actors.rollouts],
+                                    timeout=self.deadlines.restart_s) if t is not None]
+        parts = {"preflight_done_s": since(self.marks["attempt"]), "ray_ready_s": since(self.marks["ray"]),
+                 "actors_ready_s": {k: since(t) for k, t in sorted(self.actors.ready_at.items())},
+                 "all_actors_ready_s": since(self.marks["actors"]),
+                 "weight_push_group_s": since(self.marks["weight_push_group"]),
+                 "first_generation_s": round(min(asked) - wall_launch, 2) if asked else None,
+                 "first_step_done_s": since(self.marks["step"])}
+        self.storage.write_text(STARTUP, json.dumps(parts, indent=2) + "\n")
+        log.info("start-up: %s", parts)
 
     def launch_generation(self, up_to_ahead: int) -> None:
         """Start generation for this step and up to ``up_to_ahead`` steps beyond it. Prompt
