@@ -232,7 +232,8 @@ def throughput_ratio(model_path: str, groups, steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="512 response tokens per sequence, 2 steps")
+    ap.add_argument("--quick", action="store_true", help="512 response tokens per sequence, 2 steps: a smoke run, "
+                    "not the figures")
     ap.add_argument("--steps", type=int, default=5, help="timed throughput steps")
     ap.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_tokens of the chunked path")
     ap.add_argument("--parts", default="memory,padding,throughput", help="which figures, comma-separated")
