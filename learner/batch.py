@@ -248,11 +248,10 @@ def pack_rows(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> tuple[to
     A causal LM that reads sequence boundaries from restarting positions attends within
     each sequence only: transformers ≥ 5 builds that mask from ``position_ids`` when no
     attention mask is given and no cache is kept (``masking_utils.find_packed_sequence_indices``,
-    for sdpa and eager attention alike; on CPU this is what runs). On GPU, flash-attention 2
-    would read the same positions as variable-length attention, but the engine loads models
-    with transformers' default attention and no setting selects another yet: untested on
-    GPUs. ``tests/unit/test_packing.py`` checks that a packed row gives the padded rows'
-    log-probs and gradients.
+    for sdpa and eager attention alike; on CPU this is what runs). On GPU,
+    ``learner.attn_implementation=flash_attention_2`` reads the same positions as
+    variable-length attention (GPU only, not yet run). ``tests/unit/test_packing.py`` checks
+    that a packed row gives the padded rows' log-probs and gradients.
     """
     real = attention_mask.bool()  # [N, T]
     positions = torch.cumsum(attention_mask, 1) - 1  # [N, T]: right padding, so 0.. per row

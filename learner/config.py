@@ -35,6 +35,10 @@ class LearnerConfig(BaseModel):
         "> 0: the LM head applied this many positions at a time and recomputed in backward (O(chunk x vocabulary) "
         "memory, the same math; learner/logprobs.py)")
     gradient_checkpointing: bool = False
+    attn_implementation: Literal["default", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="default", description="the learner model's attention (transformers' attn_implementation); "
+        "default: transformers' choice (sdpa); flash_attention_2 needs a GPU and the flash-attn package, and runs "
+        "packed rows as variable-length attention")
     weight_push_bucket_bytes: int = Field(default=64 * 2**20, ge=2**16)
 
     @model_validator(mode="after")

@@ -51,6 +51,8 @@ class Engine:
         self.config = config
         self.shape = shape
         cuda = torch.cuda.is_available()
+        if config.attn_implementation == "flash_attention_2" and not cuda:  # GPU only: packed rows as varlen attention
+            raise ValueError("learner.attn_implementation=flash_attention_2 needs a CUDA GPU; use default or sdpa")
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(shape.rank),
             WORLD_SIZE=str(shape.world_size), LOCAL_RANK="0",
@@ -67,7 +69,9 @@ class Engine:
         deepspeed.init_distributed(dist_backend=self.backend)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        attn = config.attn_implementation
+        attention = {} if attn == "default" else {"attn_implementation": attn}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -224,3 +224,13 @@ def test_reference_actor_and_sequence_logprobs_take_the_chunked_path(tiny_model)
     assert len(got[0]) == len(response) and max(abs(x - y) for x, y in zip(*got, strict=True)) < 1e-6
     # π_ref is the same function of the same weights: the reference actor's numbers.
     assert max(abs(x - y) for x, y in zip(got[0], full.ref_logprobs[0], strict=True)) < 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flash_attention_is_refused_without_a_gpu():
+    from learner.config import LearnerConfig
+    from learner.engine import Engine, EngineShape
+
+    with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA GPU"):
+        Engine("unused", LearnerConfig(attn_implementation="flash_attention_2"), EngineShape(0, 1, 1, 1), seed=0,
+               master_addr="127.0.0.1", master_port=1)
