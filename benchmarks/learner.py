@@ -29,8 +29,10 @@ spread: an assumption, not lengths measured from a run).
 
     python benchmarks/learner.py [--quick] [--steps 5] [--parts memory,padding,throughput]
 
-About 4 minutes on 2 CPU cores (--quick: about 2); the throughput ratio needs an
-otherwise idle machine (other processes slow the DeepSpeed step more than the plain loop).
+About 4 minutes on 2 CPU cores (--quick: about 1.5). The throughput runs use one torch
+thread: with two, on 2 cores that other processes also use, OpenMP's waits slowed the
+DeepSpeed step far more than the plain loop (ratios of 0.19-0.61 under a concurrent demo
+run, 0.94 with one thread under the same load).
 """
 
 from __future__ import annotations
@@ -206,10 +208,10 @@ def _packed_rows(groups):
     return rows
 
 
-def throughput_ratio(model_path: str, groups, steps: int) -> None:
+def throughput_ratio(model_path: str, groups, steps: int, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     learner = _learner(model_path)
     plain = _plain_loop(model_path)
     rows = _packed_rows(groups)
@@ -224,7 +226,8 @@ def throughput_ratio(model_path: str, groups, steps: int) -> None:
             theirs.append(tokens / seconds)
     a, b = statistics.median(ours), statistics.median(theirs)
     print(f"throughput, demo model, {GROUPS} groups x {SAMPLES} = {GROUPS * SAMPLES} sequences, {tokens} response "
-          f"tokens per step, {len(rows)} packed rows of <= {PACK_TOKENS} tokens, median of {steps} steps:")
+          f"tokens per step, {len(rows)} packed rows of <= {PACK_TOKENS} tokens, {threads} torch threads, median of "
+          f"{steps} steps:")
     print(f"  GRPOLearner.train_step (DeepSpeed ZeRO-2, CPU, gloo, 1 rank): {a:>9.0f} response tokens/s")
     print(f"  plain torch loop (AdamW, same rows)                        : {b:>9.0f} response tokens/s")
     print(f"throughput ratio: {a / b:.3f}  (goal >= 0.9)")
@@ -235,6 +238,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="512 response tokens per sequence, 2 steps: a smoke run, "
                     "not the figures")
     ap.add_argument("--steps", type=int, default=5, help="timed throughput steps")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the throughput runs")
     ap.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_tokens of the chunked path")
     ap.add_argument("--parts", default="memory,padding,throughput", help="which figures, comma-separated")
     ap.add_argument("--memory-probe", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -258,7 +262,7 @@ def main() -> None:
         print(f"padding share (padded / real tokens), a demo-like step: micro_batch_groups=2 padded {before:.3f}, "
               f"packed {after:.3f}")
     if "throughput" in parts:
-        throughput_ratio(model, groups, 2 if args.quick else args.steps)
+        throughput_ratio(model, groups, 2 if args.quick else args.steps, args.threads)
     print(f"({time.monotonic() - start:.0f} s)")
 
 
