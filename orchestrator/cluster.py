@@ -124,6 +124,7 @@ class StageParts:
     reward_models: tuple[RewardModelSpec, ...] = ()
     max_restarts: int = 0  # Ray restarts of each actor but the learner ranks
     partial_rollout: bool = False  # rollout engines take weight pushes mid-generation (actors.partial)
+    colocated: bool = False  # rollout engines share the learner ranks' devices and sleep while they train
 
     @classmethod
     def for_grpo(cls, cfg, *, group_wait_s: float = 3600.0) -> StageParts:
@@ -136,7 +137,8 @@ class StageParts:
         return cls(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
                    learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models,
-                   max_restarts=cfg.run.max_restarts, partial_rollout=cfg.grpo.partial_rollout)
+                   max_restarts=cfg.run.max_restarts, partial_rollout=cfg.grpo.partial_rollout,
+                   colocated=cfg.cluster.colocate_rollout_with_learner)
 
     def plan(self, roles: Sequence[str]) -> placement.PlacementPlan:
         tp = self.rollout.tensor_parallel_size if self.rollout is not None else 1
@@ -224,7 +226,7 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
             opts = {**opts, "max_concurrency": PARTIAL_ROLLOUT_CALLS}
         actors.rollouts.append(_remote(RolloutActor).options(**opts).remote(
             parts.model_path, parts.rollout, a.index, run_name=parts.run_name, bundles=bundles,
-            partial_rollout=parts.partial_rollout))
+            partial_rollout=parts.partial_rollout, colocated=parts.colocated))
     elif a.role == "reference":
         actors.reference = _remote(ReferenceActor).options(**opts).remote(
             parts.model_path, parts.reference, temperature=parts.rollout.temperature)

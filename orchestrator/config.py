@@ -161,6 +161,10 @@ class ClusterConfig(_Frozen):
         default="PACK", description="of the learner ranks, reference and reward model (each rollout "
         "engine's bundles are a group of their own on one node)")
     colocate_reference_with_learner: bool = True
+    colocate_rollout_with_learner: bool = Field(
+        default=False, description="rollout engine i shares learner rank i's bundle (GPU) and they take turns: "
+        "the engine sleeps while the ranks train (vLLM sleep mode on GPUs; nothing to free on CPUs); grpo only, "
+        "on-policy, one engine per rank, tensor_parallel_size 1")
     autoscaling: bool = Field(default=False, description="the cluster adds nodes on demand (KubeRay autoscaler): "
                               "a plan the present nodes cannot hold is waited for (with progress lines) instead "
                               "of refused at once")
@@ -217,7 +221,25 @@ class GRPOStageConfig(_Frozen):
                 f"groups per rank ({b // l}) must be a multiple of learner.micro_batch_groups ({m})"
             )
         check_room_for_prompt(self.rollout.max_new_tokens, self.rollout)
+        if self.cluster.colocate_rollout_with_learner:
+            self._check_colocated()
         return self
+
+    def _check_colocated(self) -> None:
+        c, wrong = self.cluster, []
+        if self.grpo.max_staleness_steps or self.grpo.partial_rollout:
+            wrong.append("engines and learner ranks take turns on one device, so generation cannot run ahead: set "
+                         "grpo.max_staleness_steps=0 and grpo.partial_rollout=false")
+        if c.rollout_engines != c.learner_workers:
+            wrong.append(f"one engine shares each learner rank's device: set cluster.rollout_engines to "
+                         f"cluster.learner_workers ({c.learner_workers})")
+        if self.rollout.tensor_parallel_size != 1:
+            wrong.append("a co-located engine runs on its rank's one device: set rollout.tensor_parallel_size=1")
+        if c.gpus_per_rollout_engine and c.gpus_per_rollout_engine != c.gpus_per_learner:
+            wrong.append("a co-located engine uses its rank's GPU: leave cluster.gpus_per_rollout_engine at 0 or "
+                         "equal to cluster.gpus_per_learner")
+        if wrong:
+            raise ValueError("cluster.colocate_rollout_with_learner: " + "; ".join(wrong))
 
     @property
     def off_policy_correction(self) -> str:

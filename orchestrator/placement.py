@@ -19,7 +19,8 @@ process, as on one machine.
 
 Co-location is decided here and nowhere else: with ``cluster.colocate_reference_with_learner``
 the reference model takes half of learner rank 0's bundle, which is sized for both, instead
-of a bundle of its own. Reward actors need no accelerator and float free (no bundle).
+of a bundle of its own; with ``cluster.colocate_rollout_with_learner`` rollout engine i
+shares learner rank i's bundle the same way (the learner half, its guests the other half). Reward actors need no accelerator and float free (no bundle).
 ``cluster.roles.<role>.resources`` (custom resources, e.g. a node's name) are added to each
 bundle of the role, or to the actor itself where it has no bundle.
 ``orchestrator.cluster`` starts what the plan says; ``r1lab plan`` prints the same plan.
@@ -146,16 +147,19 @@ def plan(cluster, roles: Sequence[str], *, tensor_parallel_size: int = 1, reward
 
     res = {r: role_resources(c, r) for r in ROLES}
     colocate = "learner" in roles and "reference" in roles and c.colocate_reference_with_learner
+    engines_on_ranks = "learner" in roles and "rollout" in roles and getattr(c, "colocate_rollout_with_learner", False)
     if "learner" in roles:
         for rank in range(c.learner_workers):
-            if colocate and rank == 0:
-                b = bundle("learner", c.cpus_per_actor * 2, c.gpus_per_learner, _sum(res["learner"], res["reference"]))
-                actors.append(ActorPlan("learner", rank, b, c.cpus_per_actor, c.gpus_per_learner * COLOCATED_SHARE))
-                actors.append(ActorPlan("reference", 0, b, c.cpus_per_actor, c.gpus_per_learner * COLOCATED_SHARE))
-            else:
-                b = bundle("learner", c.cpus_per_actor, c.gpus_per_learner, res["learner"])
-                actors.append(ActorPlan("learner", rank, b, c.cpus_per_actor, c.gpus_per_learner))
-    if "rollout" in roles:
+            # Who shares rank `rank`'s bundle: the reference model (rank 0), engine `rank`.
+            guests = ((("reference", 0),) if colocate and rank == 0 else ()) + \
+                     ((("rollout", rank),) if engines_on_ranks else ())
+            extra = _sum(res["learner"], *(res[role] for role, _ in guests))
+            b = bundle("learner", c.cpus_per_actor * (1 + len(guests)), c.gpus_per_learner, extra)
+            share = c.gpus_per_learner * (COLOCATED_SHARE if guests else 1.0) / max(1, len(guests))
+            actors.append(ActorPlan("learner", rank, b, c.cpus_per_actor,
+                                    c.gpus_per_learner * COLOCATED_SHARE if guests else c.gpus_per_learner))
+            actors += [ActorPlan(role, i, b, c.cpus_per_actor, share) for role, i in guests]
+    if "rollout" in roles and not engines_on_ranks:
         for i in range(c.rollout_engines):
             own = [bundle("rollout", c.cpus_per_actor, c.gpus_per_rollout_engine, res["rollout"])
                    for _ in range(tensor_parallel_size)]

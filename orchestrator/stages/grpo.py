@@ -165,6 +165,7 @@ class GRPOTrainer:
         self.fed = 0  # groups delivered to the learner ranks by this attempt
         self.grouped_at = [0] * len(self.actors.rollouts)  # each engine's restarts when the push group formed
         self.checkpoints = checkpoints.CheckpointDir(self.storage, keep=cfg.grpo.keep_checkpoints)
+        self.colocated = cfg.cluster.colocate_rollout_with_learner
         self.launched_at = time.monotonic()  # the run's start (set by `run`)
         self.startup_s = float("nan")
 
@@ -176,7 +177,8 @@ class GRPOTrainer:
         t0 = time.monotonic()
         self.keeper.step = step
         self.launch_generation(up_to_ahead=self.cfg.grpo.max_staleness_steps)
-        learning = [w.train_step.remote(step) for w in self.actors.learners]
+        # Co-located, the ranks train once generation is over and the engines sleep.
+        learning = [] if self.colocated else self.train_async(step)
         current = self.launched.popleft()
         if current.step != step:
             raise RuntimeError(f"step {step} would train on the prompts launched for step {current.step}")
@@ -185,6 +187,9 @@ class GRPOTrainer:
             rollout_s = self.filter_into_learners(current.launch, step, sampling)
         else:
             rollout_s = self.stream_into_learners(current.launch)
+        if self.colocated:
+            self.await_engines([e.sleep.remote(self.cfg.rollout.sleep_level) for e in self.actors.rollouts], "sleep")
+            learning = self.train_async(step)
         stats = self.merge(self.await_learners(learning, "train_step"))
         self.version += 1
         push_s = self.push_weights(self.version)
@@ -196,6 +201,14 @@ class GRPOTrainer:
         self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices),
                                                  **extra}) + "\n")
         return {**self.record(step, stats, rollout_s, push_s, time.monotonic() - t0), **sampling}
+
+    def train_async(self, step: int) -> list[ray.ObjectRef]:
+        return [w.train_step.remote(step) for w in self.actors.learners]
+
+    def await_engines(self, refs: list[ray.ObjectRef], what: str) -> None:
+        """One call on every engine (co-located mode: ``sleep``, ``wake_up``)."""
+        self.await_learners(refs, f"the engines' {what}", self.actors.rollouts)
+        log.info("engines' %s done (version %d)", what, self.version)
 
     def write_startup(self) -> None:
         """``STARTUP``: seconds from ``r1lab run`` to each point of start-up, each actor
@@ -327,9 +340,13 @@ class GRPOTrainer:
         t0 = time.monotonic()
         if self.engine_restarts() != self.grouped_at:  # an engine restarted since the group formed
             self.regroup()
+        if self.colocated:  # room for the weights first; the KV cache once they are in
+            self.await_engines([e.wake_up.remote(["weights"]) for e in self.actors.rollouts], "wake-up")
         refs = [w.push_weights.remote(version) for w in self.actors.learners]
         refs += [e.receive_weights.remote(version) for e in self.actors.rollouts]
         self.await_learners(refs, f"the weight push of version {version}", self.actors.learners + self.actors.rollouts)
+        if self.colocated:
+            self.await_engines([e.wake_up.remote(["kv_cache"]) for e in self.actors.rollouts], "wake-up")
         return time.monotonic() - t0
 
     def engine_restarts(self) -> list[int]:

@@ -192,3 +192,14 @@ def test_new_names_load(tmp_path):
                                                "cluster.reward_actors=4", "loss.kl_log_ratio_clip=10"])
     assert (cfg.cluster.learner_workers, cfg.cluster.rollout_engines, cfg.cluster.reward_actors) == (2, 3, 4)
     assert cfg.groups_per_rank == 4 and cfg.loss.kl_log_ratio_clip == 10.0
+
+
+def test_colocated_rollout_refuses_what_cannot_take_turns():
+    ok = load_config(ROOT / "configs/demo/grpo.yaml", ["cluster.colocate_rollout_with_learner=true",
+                                                        "cluster.rollout_engines=2"])
+    assert ok.cluster.colocate_rollout_with_learner
+    with pytest.raises(ValueError) as err:
+        load_config(ROOT / "configs/demo/grpo.yaml", ["cluster.colocate_rollout_with_learner=true",
+                                                       "grpo.max_staleness_steps=1"])
+    message = str(err.value)
+    assert "grpo.max_staleness_steps=0" in message and "cluster.rollout_engines to cluster.learner_workers (2)" in message
