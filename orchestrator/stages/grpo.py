@@ -151,6 +151,10 @@ class GRPOTrainer:
                                                                              + self.deadlines.restart_s))
         self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
         self.backend = ray.get(self.actors.learners[0].collective_backend.remote(), timeout=cluster.GROUP_S)
+        if cfg.cluster.colocate_rollout_with_learner:
+            # NCCL refuses two ranks on one GPU (learner rank 0 and engine 0): the push
+            # goes through host memory over gloo. Not yet device-to-device (CUDA IPC).
+            self.backend = "gloo"
         self.marks["actors"] = time.monotonic()
         cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
         self.marks["weight_push_group"] = time.monotonic()
