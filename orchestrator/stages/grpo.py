@@ -31,6 +31,7 @@ import ray
 
 from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
+from learner.batch import deal_by_tokens
 from learner.grpo_role import StepStats
 from orchestrator import checkpoints, cluster, failures, inputs, placement, preflight, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
@@ -189,6 +190,8 @@ class GRPOTrainer:
         sampling: dict = {}
         if self.cfg.grpo.filter_zero_variance:
             rollout_s = self.filter_into_learners(current.launch, step, sampling)
+        elif self.cfg.learner.max_tokens_per_micro_batch and len(self.actors.learners) > 1:
+            rollout_s = self.deal_into_learners(current.launch)
         else:
             rollout_s = self.stream_into_learners(current.launch)
         if self.colocated:
@@ -259,6 +262,33 @@ class GRPOTrainer:
         self.fed += len(launch.prompts)
         # Groups queued at the learners when generation finished (not yet trained on).
         self.telemetry.set("buffer_groups", max(ray.get(list(done.values()), timeout=self.deadlines.learner_s), default=0))
+        return time.monotonic() - launch.started
+
+    def deal_into_learners(self, launch: streaming.Launch) -> float:
+        """With packed micro-batches (a rank's backward waits for all its groups anyway):
+        score the whole launch, then deal the groups to the ranks by tokens
+        (``learner.batch.deal_by_tokens``), so the ranks finish together. Each rank takes
+        its groups in launch order; the dealing depends on the lengths alone, so a run
+        stays reproducible."""
+        learners = self.actors.learners
+
+        def chain(position: int, group_ref: ray.ObjectRef) -> list[supervise.Hop]:
+            return [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(self.fed + position,
+                                                                                          group_ref)]
+
+        done = supervise.Flight(launch, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
+        refs = [done[p] for p in range(len(launch.prompts))]
+        lengths = ray.get([_group_tokens.remote(ref) for ref in refs], timeout=self.deadlines.learner_s)
+        ranks = deal_by_tokens(lengths, len(learners))
+        first = self.fed // len(learners)
+        taken = [0] * len(learners)
+        puts = []
+        for ref, r in zip(refs, ranks, strict=True):
+            puts.append(learners[r].put.remote(first + taken[r], ref))
+            taken[r] += 1
+        self.fed += len(refs)
+        queued = self.await_learners(puts, "handing the step's groups to the learners", [learners[r] for r in ranks])
+        self.telemetry.set("buffer_groups", max(queued, default=0))
         return time.monotonic() - launch.started
 
     def filter_into_learners(self, launch: streaming.Launch, step: int, sampling: dict) -> float:
@@ -540,6 +570,12 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
         raise preflight.PreflightError(str(err)) from None
     prepared.check_cluster()
     return Inputs(tokenizer, items, claim, report)
+
+
+@ray.remote(num_cpus=0)
+def _group_tokens(g) -> int:
+    """A scored group's tokens (each completion with its prompt), read where the group is."""
+    return sum(len(g.group.prompt_ids) + len(c.token_ids) for c in g.group.completions)
 
 
 def informative(g) -> bool:
