@@ -235,9 +235,6 @@ class GRPOStageConfig(_Frozen):
                          f"cluster.learner_workers ({c.learner_workers})")
         if self.rollout.tensor_parallel_size != 1:
             wrong.append("a co-located engine runs on its rank's one device: set rollout.tensor_parallel_size=1")
-        if c.gpus_per_rollout_engine and c.gpus_per_rollout_engine != c.gpus_per_learner:
-            wrong.append("a co-located engine uses its rank's GPU: leave cluster.gpus_per_rollout_engine at 0 or "
-                         "equal to cluster.gpus_per_learner")
         if wrong:
             raise ValueError("cluster.colocate_rollout_with_learner: " + "; ".join(wrong))
 

@@ -148,6 +148,9 @@ def plan(cluster, roles: Sequence[str], *, tensor_parallel_size: int = 1, reward
     res = {r: role_resources(c, r) for r in ROLES}
     colocate = "learner" in roles and "reference" in roles and c.colocate_reference_with_learner
     engines_on_ranks = "learner" in roles and "rollout" in roles and getattr(c, "colocate_rollout_with_learner", False)
+    if engines_on_ranks and c.gpus_per_rollout_engine not in (0, c.gpus_per_learner):
+        raise ValueError("cluster.colocate_rollout_with_learner: a co-located engine uses its rank's GPU; leave "
+                         "cluster.gpus_per_rollout_engine at 0 or equal to cluster.gpus_per_learner")
     if "learner" in roles:
         for rank in range(c.learner_workers):
             # Who shares rank `rank`'s bundle: the reference model (rank 0), engine `rank`.
