@@ -43,8 +43,11 @@ class MetricsLogger:
             try:
                 import wandb
 
+                # wandb's own lines (run history, sync hints: 20 a stage) only with -v.
+                quiet = os.environ.get("R1LAB_VERBOSE") != "1"
                 self._wandb = wandb.init(project=project, name=name, config=config, mode=mode,
-                                         dir=str(wandb_dir), reinit="finish_previous")
+                                         dir=str(wandb_dir), reinit="finish_previous",
+                                         settings=wandb.Settings(silent=quiet, console="off" if quiet else "auto"))
             except Exception as err:  # noqa: BLE001 - metrics.jsonl still records everything
                 log.warning("wandb logging is off (%s); metrics.jsonl still records every step", err)
 
