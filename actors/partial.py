@@ -148,6 +148,7 @@ class InterruptibleEngine:
 
     # -- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
+        loads: list[_Load] = []
         try:
             while True:
                 with self._cond:
@@ -169,14 +170,26 @@ class InterruptibleEngine:
                 self._error = err
                 for q in self._queues.values():
                     q.put(err)
-                for job in self._loads:
-                    job.fail(err)
+                for job in (*loads, *self._loads):  # taken this pass or still queued
+                    if not job.done.is_set():
+                        job.fail(err)
                 self._loads = []
 
     def _add(self, s: Sample) -> None:
+        """Hand ``s`` to the engine; a request the engine refuses fails its own call only."""
         rid = f"{self.name}-{next(self._ids)}"
+        try:
+            vllm_adapter.add_request(self.llm, rid, (*s.prompt_ids, *s.token_ids), self.params(s))
+        except (ValueError, TypeError) as err:
+            self._deliver(s, err)
+            return
         self._active[rid] = s
-        vllm_adapter.add_request(self.llm, rid, (*s.prompt_ids, *s.token_ids), self.params(s))
+
+    def _deliver(self, s: Sample, item: Sample | BaseException) -> None:
+        """To the sample's caller, if it still waits (a closed stream's samples are dropped)."""
+        q = self._queues.get(s.call)
+        if q is not None:
+            q.put(item)
 
     def _step(self) -> None:
         for out in vllm_adapter.step(self.llm):
@@ -191,7 +204,7 @@ class InterruptibleEngine:
             if out.finished:
                 del self._active[out.request_id]
                 s.finish_reason = vllm_adapter.finish_reason(out)
-                self._queues[s.call].put(s)
+                self._deliver(s, s)
 
     def _run_load(self, job: _Load) -> None:
         """Stop every sample in flight, load, and continue them under the new weights."""
@@ -208,8 +221,9 @@ class InterruptibleEngine:
         else:
             job.done.set()
         for _, s in stopped:
-            s.resumes += 1
-            self.resumed += 1
+            if s.token_ids:  # one not started yet keeps its own seed
+                s.resumes += 1
+                self.resumed += 1
             self._add(s)
 
 

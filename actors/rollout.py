@@ -259,9 +259,13 @@ class RolloutActor:
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                           backend: str, spec: WeightSpec) -> list[int]:
         self._spec = spec
-        return self.llm.collective_rpc(
-            "r1lab_init_weight_group", args=(host, port, rank_offset, world_size, backend)
-        )
+
+        def join() -> list[int]:
+            return self.llm.collective_rpc("r1lab_init_weight_group", args=(host, port, rank_offset, world_size,
+                                                                          backend))
+
+        # An interruptible engine is driven by its own thread only (also when the group forms again).
+        return join() if self._engine is None else self._engine.load(join, None, LOAD_S)
 
     def receive_weights(self, version: int, load: bool = True) -> int:
         """Receive one push (the learner broadcasts concurrently); returns bytes per worker.

@@ -197,6 +197,7 @@ class WeightSyncExtension:
 
     def r1lab_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                 backend: str) -> int:
+        quiet_rotary_reload_warning()
         rank = rank_offset + int(getattr(self, "rank", 0))
         self._r1lab_group = create_group(host, port, rank, world_size, backend=backend)
         return rank
@@ -260,11 +261,15 @@ class _RotaryReload(logging.Filter):
     ``tests/ray/test_weight_push.py``). Any other layer's failure still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+        return not record.getMessage().endswith("RotaryEmbedding: Failed to load weights")
 
 
 def quiet_rotary_reload_warning() -> None:
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReload())
+    """Install the filter in this process (the actor's, and each vLLM worker's: on GPUs the
+    workers are processes of their own), once."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReload) for f in logger.filters):
+        logger.addFilter(_RotaryReload())
 
 
 def in_process_engine_env() -> None:

@@ -68,7 +68,7 @@ def run(args, *, engines: int, prompts: int, staleness: int, partial: bool, proc
 
     from benchmarks.sim_actors import SimEngine, SimLearner, SimReward
     from orchestrator import storage
-    from orchestrator.cluster import PARTIAL_ROLLOUT_CALLS, StageActors
+    from orchestrator.cluster import StageActors, partial_rollout_calls
     from orchestrator.stages import grpo
 
     with tempfile.TemporaryDirectory(prefix="r1lab-sim-") as tmp:
@@ -76,8 +76,10 @@ def run(args, *, engines: int, prompts: int, staleness: int, partial: bool, proc
         prepared = storage.prepare(cfg)
         prepared.run.write_text(grpo.PROMPTS, "")
         items = [grpo.PromptItem(i, (1, 2, 3), "0") for i in range(4 * prompts)]
-        engine = ray.remote(SimEngine).options(num_cpus=0, max_concurrency=PARTIAL_ROLLOUT_CALLS if partial else 1)
         hosts = processes or engines
+        # A process hosting several engines takes the calls of all of them at once.
+        calls = partial_rollout_calls(staleness) * engines // hosts if partial else 1
+        engine = ray.remote(SimEngine).options(num_cpus=0, max_concurrency=calls)
         started = [engine.remote(i, slots=args.slots * engines // hosts, tokens_per_s=args.tokens_per_s,
                                  load_s=args.load_s, median=args.median, sigma=args.sigma, cap=args.cap)
                    for i in range(hosts)]
@@ -136,6 +138,9 @@ def main() -> None:
     ap.add_argument("--overhead-steps", type=int, default=6)
     ap.add_argument("--overhead-processes", type=int, default=16, help="actor processes hosting those engines")
     args = ap.parse_args()
+    if min(args.steps, args.overhead_steps) <= args.staleness + 1:
+        ap.error(f"--steps and --overhead-steps must exceed --staleness + 1 ({args.staleness + 1}): the first "
+                 "steps fill the pipeline and are left out")
 
     local_ray(num_cpus=2)
     print(f"lengths lognormal(median {args.median:g}, sigma {args.sigma:g}) cut at {args.cap}; "

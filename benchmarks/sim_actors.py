@@ -140,7 +140,8 @@ class SimEngine:
         done = [s for s in self._active if s.drawn >= s.length - 1e-9]
         for s in done:
             self._active.remove(s)
-            s.segments = [[v, round(n)] for v, n in s.segments]
+            whole = [[v, round(n)] for v, n in s.segments if round(n) > 0]  # a sliver is no token
+            s.segments = whole or [[s.segments[-1][0], s.length]]
             s.done.set()
         if done:
             self._cond.notify_all()  # the streams waiting for them

@@ -124,6 +124,7 @@ class StageParts:
     reward_models: tuple[RewardModelSpec, ...] = ()
     max_restarts: int = 0  # Ray restarts of each actor but the learner ranks
     partial_rollout: bool = False  # rollout engines take weight pushes mid-generation (actors.partial)
+    launches_ahead: int = 0  # grpo.max_staleness_steps: streams an engine holds at once, less one
     colocated: bool = False  # rollout engines share the learner ranks' devices and sleep while they train
 
     @classmethod
@@ -138,6 +139,7 @@ class StageParts:
                    trust_remote_code=cfg.model.trust_remote_code, rollout=cfg.rollout, reference=cfg.reference,
                    learners=learners, reward_sets={"policy": cfg.rewards}, reward_models=cfg.rewards.reward_models,
                    max_restarts=cfg.run.max_restarts, partial_rollout=cfg.grpo.partial_rollout,
+                   launches_ahead=cfg.grpo.max_staleness_steps,
                    colocated=cfg.cluster.colocate_rollout_with_learner)
 
     def plan(self, roles: Sequence[str]) -> placement.PlacementPlan:
@@ -223,7 +225,7 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
             seed=parts.seed, **spec.kwargs()))
     elif a.role == "rollout":
         if parts.partial_rollout:  # streams of several launches, a push and queries run at once
-            opts = {**opts, "max_concurrency": PARTIAL_ROLLOUT_CALLS}
+            opts = {**opts, "max_concurrency": partial_rollout_calls(parts.launches_ahead)}
         actors.rollouts.append(_remote(RolloutActor).options(**opts).remote(
             parts.model_path, parts.rollout, a.index, run_name=parts.run_name, bundles=bundles,
             partial_rollout=parts.partial_rollout, colocated=parts.colocated))
@@ -242,6 +244,14 @@ def _start_actor(parts: StageParts, a: placement.ActorPlan, opts: dict, actors: 
 
 
 PARTIAL_ROLLOUT_CALLS = 32  # threads of an interruptible rollout actor (calls; one thread drives the engine)
+
+
+def partial_rollout_calls(launches_ahead: int) -> int:
+    """Threads for an interruptible rollout actor: every stream holds one until it ends (the
+    launches in flight, each possibly re-issued after a failure), and a push or a query must
+    never queue behind them."""
+    return max(PARTIAL_ROLLOUT_CALLS, 8 + 4 * (launches_ahead + 1))
+
 READY_S = 1800.0  # an actor built and its model loaded (a large checkpoint from slow storage)
 GROUP_S = 600.0  # a process group formed (every member has to join)
 

@@ -8,6 +8,8 @@ or was removed (``RETIRED``) is named with its new place or what to do instead.
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,13 +218,17 @@ class GRPOStageConfig(_Frozen):
                 f"grpo.prompts_per_step ({b}) must be a multiple of cluster.learner_workers ({l}) "
                 "so every rank trains on the same number of groups"
             )
-        if (b // l) % m:
+        if (b // l) % m and not self.learner.max_tokens_per_micro_batch:  # packing does not count groups
             raise ValueError(
                 f"groups per rank ({b // l}) must be a multiple of learner.micro_batch_groups ({m})"
             )
         check_room_for_prompt(self.rollout.max_new_tokens, self.rollout)
         if self.cluster.colocate_rollout_with_learner:
             self._check_colocated()
+        if self.grpo.partial_rollout and not self.grpo.max_staleness_steps:
+            warnings.warn("grpo.partial_rollout has nothing to interrupt with grpo.max_staleness_steps=0 (a push "
+                          "lands before the next step's generation starts); set grpo.max_staleness_steps >= 1",
+                          stacklevel=2)
         return self
 
     def _check_colocated(self) -> None:

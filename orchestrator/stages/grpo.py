@@ -203,7 +203,8 @@ class GRPOTrainer:
         self.keeper.sweep()
         if "step" not in self.marks:
             self.marks["step"] = time.monotonic()
-            self.write_startup()
+            if not self.storage.exists(STARTUP):  # the first attempt's; a restart's start-up is in faults.jsonl
+                self.write_startup()
         extra = {"extra_prompt_indices": sampling.pop("extra_prompt_indices")} if sampling else {}
         self.storage.append(PROMPTS, json.dumps({"step": step, "prompt_indices": list(current.prompt_indices),
                                                  **extra}) + "\n")
@@ -222,8 +223,12 @@ class GRPOTrainer:
         built, and the first generation request reaching an engine."""
         since = lambda t: round(t - self.launched_at, 2)  # noqa: E731
         wall_launch = time.time() - (time.monotonic() - self.launched_at)
-        asked = [t for t in ray.get([e.first_request_at.remote() for e in self.actors.rollouts],
-                                    timeout=self.deadlines.restart_s) if t is not None]
+        try:
+            asked = [t for t in ray.get([e.first_request_at.remote() for e in self.actors.rollouts],
+                                        timeout=self.deadlines.restart_s) if t is not None]
+        except (ray.exceptions.RayError, TimeoutError) as err:  # timing is not worth a step
+            log.warning("start-up timing without the engines' first request: %s", supervise.first_line(err))
+            asked = []
         parts = {"preflight_done_s": since(self.marks["attempt"]), "ray_ready_s": since(self.marks["ray"]),
                  "actors_ready_s": {k: since(t) for k, t in sorted(self.actors.ready_at.items())},
                  "all_actors_ready_s": since(self.marks["actors"]),

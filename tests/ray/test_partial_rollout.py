@@ -17,7 +17,7 @@ def _actors(ray, model_path):
     from actors.rollout import RolloutActor
     from learner.config import GRPOLossConfig, LearnerConfig
     from learner.grpo_role import GRPOLearner
-    from orchestrator.cluster import PARTIAL_ROLLOUT_CALLS, StageActors, init_weight_push
+    from orchestrator.cluster import StageActors, init_weight_push, partial_rollout_calls
 
     learner = ray.remote(GRPOLearner).options(num_cpus=0.5, max_concurrency=4).remote(
         str(model_path), LearnerConfig(learning_rate=5e-2, weight_push_bucket_bytes=2**17),
@@ -25,7 +25,7 @@ def _actors(ray, model_path):
         loss=GRPOLossConfig(kl_coef=0.0),
     )
     ray.get(learner.setup.remote(*ray.get(learner.address.remote())))
-    rollout = ray.remote(RolloutActor).options(num_cpus=0.5, max_concurrency=PARTIAL_ROLLOUT_CALLS).remote(
+    rollout = ray.remote(RolloutActor).options(num_cpus=0.5, max_concurrency=partial_rollout_calls(0)).remote(
         str(model_path), RolloutConfig(max_new_tokens=16, max_model_len=256, kv_cache_bytes=64 * 2**20,
                                        dtype="float32"), partial_rollout=True)
     init_weight_push(StageActors(pg=None, learners=[learner], rollouts=[rollout]), "gloo", 1)
