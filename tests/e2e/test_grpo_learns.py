@@ -39,7 +39,7 @@ def grpo_run(tiny_base_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def async_run(tiny_base_model, tmp_path_factory) -> Path:
     """The same cut-down run, asynchronous: two steps ahead, partial rollout, TIS."""
-    out = tmp_path_factory.mktemp("runs-async")
+    out = tmp_path_factory.mktemp("asy")  # short: Ray's socket paths under TMPDIR must stay within 107 bytes
     data = out / "data"
     r1lab = [sys.executable, "-m", "orchestrator.cli"]
     subprocess.run([*r1lab, "data", "make", "addition", "--out", str(data)], check=True, cwd=ROOT)
