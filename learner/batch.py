@@ -142,7 +142,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor  # [N, T] float32, sampler log-probs (0 off the mask)
     ref_logprobs: torch.Tensor | None  # [N, T] float32 or None when beta == 0
     advantages: torch.Tensor  # [N] float32
-    policy_versions: torch.Tensor  # [N] int64
+    token_versions: torch.Tensor  # [N, T] int64, the policy version that drew each response token (0 off it)
 
     def __post_init__(self) -> None:
         n, t = self.input_ids.shape
@@ -151,7 +151,7 @@ class TrainBatch:
             "loss_mask": (self.loss_mask, (n, t), torch.float32),
             "old_logprobs": (self.old_logprobs, (n, t), torch.float32),
             "advantages": (self.advantages, (n,), torch.float32),
-            "policy_versions": (self.policy_versions, (n,), torch.int64),
+            "token_versions": (self.token_versions, (n, t), torch.int64),
         }
         if self.ref_logprobs is not None:
             checks["ref_logprobs"] = (self.ref_logprobs, (n, t), torch.float32)
@@ -207,11 +207,11 @@ def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], p
     ``advantages[i]`` is the ``[G_i]`` advantage tensor of ``groups[i]`` (computed by the
     caller with ``learner.grpo.group_advantages``).
     """
-    rows: list[tuple[tuple[int, ...], Completion, tuple[float, ...] | None, int]] = []
+    rows: list[tuple[tuple[int, ...], Completion, tuple[float, ...] | None, tuple[int, ...]]] = []
     for sg in groups:
         refs = sg.ref_logprobs if sg.ref_logprobs is not None else (None,) * sg.group.size
-        for c, ref in zip(sg.group.completions, refs, strict=True):
-            rows.append((sg.group.prompt_ids, c, ref, sg.group.policy_version))
+        for k, (c, ref) in enumerate(zip(sg.group.completions, refs, strict=True)):
+            rows.append((sg.group.prompt_ids, c, ref, sg.group.token_versions(k)))
     has_ref = all(r[2] is not None for r in rows)
     if not has_ref and any(r[2] is not None for r in rows):
         raise ValueError("some groups have reference log-probs and some do not")
@@ -219,13 +219,13 @@ def collate(groups: Sequence[ScoredGroup], advantages: Sequence[torch.Tensor], p
     n, t = input_ids.shape
     old = torch.zeros((n, t), dtype=torch.float32)  # [N, T]
     ref = torch.zeros((n, t), dtype=torch.float32) if has_ref else None  # [N, T]
-    versions = torch.empty(n, dtype=torch.int64)  # [N]
-    for i, (prompt, c, r, version) in enumerate(rows):
+    versions = torch.zeros((n, t), dtype=torch.int64)  # [N, T]
+    for i, (prompt, c, r, drawn_by) in enumerate(rows):
         p, k = len(prompt), len(c.token_ids)
         old[i, p : p + k] = torch.tensor(c.logprobs, dtype=torch.float32)
         if ref is not None:
             ref[i, p : p + k] = torch.tensor(r, dtype=torch.float32)
-        versions[i] = version
+        versions[i, p : p + k] = torch.tensor(drawn_by, dtype=torch.int64)
     adv = torch.cat([a.to(torch.float32).reshape(-1) for a in advantages])  # [N]
     if adv.shape[0] != n:
         raise ValueError(f"{adv.shape[0]} advantages for {n} sequences")

@@ -404,15 +404,17 @@ class GRPOLearner(LearnerRank):
 
     def _gap_by_lag(self, stats: StepStats, logp: torch.Tensor, b: TrainBatch) -> None:
         """|rollout - learner| log-prob per token, by how many versions behind the learner
-        each sample's policy was (0: the same weights: what is left is numerics)."""
-        lags = self.version - b.policy_versions  # [N]
-        for lag in sorted(set(lags.tolist())):
-            rows = lags == lag  # [N]
-            tokens = float(b.loss_mask[rows].sum())
-            if tokens:
-                total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
-                total[0] += float(grpo.logprob_gap(logp[rows], b.old_logprobs[rows], b.loss_mask[rows])) * tokens
-                total[1] += tokens
+        the policy that drew the token was (0: the same weights: what is left is numerics).
+        Per token: a sample continued after a push (partial rollout) counts its tokens
+        under the versions that drew them."""
+        lags = self.version - b.token_versions  # [N, T]
+        mask = b.loss_mask.bool()  # [N, T]
+        gap = (logp.float() - b.old_logprobs.float()).abs()  # [N, T]
+        for lag in sorted(set(lags[mask].tolist())):
+            at = mask & (lags == lag)  # [N, T]
+            total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
+            total[0] += float(gap[at].sum())
+            total[1] += float(at.sum())
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
         batch = collate(groups, [group_advantages_of(g, self.loss, self.max_new_tokens) for g in groups],

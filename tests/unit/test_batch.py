@@ -69,9 +69,30 @@ def test_train_batch_checks_shapes_and_dtypes():
     n, t = 2, 4
     ok = dict(input_ids=torch.zeros(n, t, dtype=torch.int64), attention_mask=torch.ones(n, t, dtype=torch.int64),
               loss_mask=torch.ones(n, t), old_logprobs=torch.zeros(n, t), ref_logprobs=None,
-              advantages=torch.zeros(n), policy_versions=torch.zeros(n, dtype=torch.int64))
+              advantages=torch.zeros(n), token_versions=torch.zeros((n, t), dtype=torch.int64))
     TrainBatch(**ok)
     with pytest.raises(ValueError, match="advantages has shape"):
         TrainBatch(**{**ok, "advantages": torch.zeros(n + 1)})
     with pytest.raises(TypeError, match="loss_mask must be torch.float32"):
         TrainBatch(**{**ok, "loss_mask": torch.ones(n, t, dtype=torch.float64)})
+
+
+def test_token_versions_and_gap_by_lag_per_token():
+    # Completion 0 was continued after a push: its first token drawn by version 0, its
+    # second by version 1; completion 1 is the group's version (1) throughout.
+    from types import SimpleNamespace
+
+    from learner.grpo_role import GRPOLearner, StepStats
+
+    comps = (Completion((4, 5), (-0.5, -0.5), "t", "stop", versions=(0, 1)), Completion((6,), (-0.5,), "t", "stop"))
+    sg = ScoredGroup(Group(0, (1, 2, 3), "ans", comps, 1), (1.0, 0.0), (1.0, 0.0), (1.0, 1.0))
+    b = collate([sg], [torch.zeros(2)], 0)
+    assert b.token_versions.tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 1, 0]]
+    logp = b.old_logprobs.clone()
+    logp[0, 3] -= 0.25  # the version-0 token is off by 0.25
+    logp[0, 4] -= 0.5  # the version-1 token by 0.5
+    logp[1, 3] -= 0.125  # the other version-1 token by 0.125
+    stats = StepStats()
+    GRPOLearner._gap_by_lag(SimpleNamespace(version=2), stats, logp, b)  # learner at version 2
+    assert stats.gap_by_lag == {2: [0.25, 1.0], 1: [0.625, 2.0]}
+    assert stats.finalize()["logprob_gap/lag1"] == pytest.approx(0.3125)
