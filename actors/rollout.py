@@ -60,6 +60,7 @@ class RolloutActor:
                  run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False,
                  colocated: bool = False) -> None:
         vllm_adapter.in_process_engine_env()
+        vllm_adapter.eager_sampler(config.enforce_eager)
         vllm_adapter.quiet_rotary_reload_warning()
         self.telemetry = Telemetry(run_name, f"rollout-{engine_index}")
         self.config = config

@@ -13,6 +13,7 @@ checks them. What is internal here:
   each request as soon as it finishes, instead of ``LLM.generate``'s all-at-end;
   ``add_request``/``step``/``abort``/``delta_tokens`` do the same one request at a time
   for interruptible generation (``actors.partial``).
+- ``eager_sampler``: vLLM 0.32's sampler wraps one helper in ``torch.compile`` (see there).
 """
 
 from __future__ import annotations
@@ -277,3 +278,18 @@ def in_process_engine_env() -> None:
     needs ~1 GB less; torch.set_num_threads then no longer applies in this process."""
     if not cuda_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def eager_sampler(enforce_eager: bool) -> None:
+    """On CPU with ``enforce_eager``, turn torch.compile off in this process. vLLM 0.32's
+    sampler still compiles one helper when log-probs are asked for
+    (``vllm.v1.sample.ops.logprobs.batched_count_greater_than``, the rank of each sampled
+    token, which r1lab does not read) with inductor, whose C++ build took 15-20 s of the first
+    generation on 2 cores with a cold cache (each run with its own TMPDIR has one). Eager, the
+    demo's first step sampled the same tokens and log-probs; ``tests/ray/test_weight_push.py``
+    checks the sampled log-probs against the learner's. Without
+    ``enforce_eager`` vLLM compiles the model itself, which this must not undo."""
+    if enforce_eager and not cuda_available():
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
