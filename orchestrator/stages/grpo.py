@@ -344,11 +344,36 @@ class GRPOTrainer:
     def catch_up(self, engine: int) -> int:
         """Before engine ``engine`` samples again after a failure: if it holds another
         policy version (restarted: the initial weights), load the current one from learner
-        rank 0's last push. Returns the version it holds."""
+        rank 0's last push. Returns the version it holds. An engine that does not answer in
+        time is late (killed, so Ray restarts it) and one that dies is waited for; either is
+        caught up once back, up to ``run.max_restarts`` times."""
         handle = self.actors.rollouts[engine]
-        held = ray.get(handle.version.remote(), timeout=self.deadlines.restart_s)
+        member = self.roster.of(handle)
+        for _ in range(self.cfg.run.max_restarts + 1):
+            asked = time.monotonic()
+            try:
+                return self._catch_up(engine, handle)
+            except ray.exceptions.GetTimeoutError:
+                self.keeper.late(member, "catching up to the current policy", time.monotonic() - asked)
+                self.keeper.failed(member, TimeoutError("killed as late while catching up"), asked)
+            except ray.exceptions.RayActorError as err:
+                if self.roster.who(err) is not member:
+                    raise
+                self.keeper.failed(member, err, asked)
+        raise supervise.ActorGone(f"{member.label} could not be caught up to policy version {self.version} after "
+                                  f"{self.cfg.run.max_restarts + 1} tries")
+
+    def _catch_up(self, engine: int, handle) -> int:
+        # An interruptible engine answers at once (a thread of its own); a classic one may
+        # first finish a stream for a launch ahead.
+        ask_s = self.cfg.run.hang_grace_s if self.cfg.grpo.partial_rollout else self.deadlines.restart_s
+        held = ray.get(handle.version.remote(), timeout=ask_s)
         if held != self.version:
-            spec = ray.get(self.actors.learners[0].weight_spec.remote(), timeout=self.deadlines.learner_s)
+            try:
+                spec = ray.get(self.actors.learners[0].weight_spec.remote(), timeout=self.deadlines.learner_s)
+            except ray.exceptions.GetTimeoutError:
+                raise supervise.LearnerLost(f"learner rank 0 did not give its weight layout within "
+                                            f"{self.deadlines.learner_s:.0f} s") from None
             buffers = self.actors.learners[0].last_pushed.remote()
             ray.get(handle.load_weights.remote(spec, buffers, self.version), timeout=self.deadlines.learner_s)
             log.info("rollout %d caught up from policy version %d to %d", engine, held, self.version)
