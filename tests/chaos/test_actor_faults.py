@@ -111,3 +111,24 @@ def test_async_partial_rollout_run_keeps_going_through_lost_engines(ray_local, t
     hung = [e for e in events if e["cause"].startswith("hung")]
     assert hung and hung[0]["role"] == "rollout", events
     report(faults, events)
+
+
+def test_async_partial_rollout_run_restarts_after_a_lost_learner_rank(ray_local, tiny_model, addition_data,
+                                                                       straight_runs, tmp_path):
+    """A learner rank killed in an async partial-rollout run: every actor starts again from
+    the checkpoint, with the groups it stored for the steps ahead, and the run ends with
+    each step trained once on its prompts."""
+    from orchestrator.metrics import read_metrics
+    from orchestrator.stages import grpo
+
+    faults = Faults({2: [(kill("GRPOLearner"), 0.0)]})
+    cfg = runs.config(tiny_model, addition_data, tmp_path, "async-learner", staleness=2,
+                      extra=("grpo.partial_rollout=true", "grpo.checkpoint_every_steps=1"))
+    run_dir = grpo.run(cfg, progress=faults.progress)
+    assert not faults.errors, faults.errors
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, runs.STEPS + 1))
+    assert all(r["groups_trained"] == runs.PROMPTS_PER_STEP for r in rows)
+    assert runs.outcome(run_dir)[1] == straight_runs(0)[1]
+    assert all(r["staleness_max"] <= 2 for r in rows)
+    assert rows[-1]["restarts/learner"] == 1
