@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from actors import vllm_adapter
 from actors.config import EngineBundles, RolloutConfig
@@ -15,6 +16,7 @@ from learner.weight_sync import WeightSpec
 
 
 LOAD_S = 600.0  # a weight load on an interruptible engine: the broadcast, after the current engine step
+T = TypeVar("T")
 
 
 class EngineBehind(RuntimeError):
@@ -126,7 +128,8 @@ class RolloutActor:
                       ignore_eos: bool = False, expect_version: int | None = None) -> Iterator[Group]:
         """Sample ``samples_per_prompt`` completions per prompt; as soon as all the
         completions of prompt k are done, yield k, then its group (a Ray streaming
-        generator: the caller learns which prompt finished without fetching its group).
+        generator: the caller learns which prompt finished without fetching its group;
+        ``stream_items``: the last prompt's group comes alone).
         ``seeds``: one per prompt; completion k of a prompt is sampled with its seed + k
         (``vllm_adapter.child_seed``), so it does not depend on what else the engine runs.
         None: the engine's own random stream. ``expect_version``: the policy version the
@@ -143,8 +146,10 @@ class RolloutActor:
         if self._first_request_at is None:
             self._first_request_at = time.time()
         if self._engine is not None:
-            yield from self._stream_partial(prompts, samples_per_prompt, seeds=seeds, temperature=temperature,
-                                            top_p=top_p, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+            yield from stream_items(self._stream_partial(prompts, samples_per_prompt, seeds=seeds,
+                                                         temperature=temperature, top_p=top_p,
+                                                         max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
+                                    len(prompts))
             return
         by_id = {}
         requests = []
@@ -156,6 +161,9 @@ class RolloutActor:
             rid = f"{self.engine_index}-{self._request_seq}"
             by_id[rid] = (k, p)
             requests.append((rid, p.prompt_ids, params))
+        yield from stream_items(self._stream_classic(requests, by_id), len(prompts))
+
+    def _stream_classic(self, requests: list, by_id: dict) -> Iterator[tuple[int, Group]]:
         version = self.policy_version
         start, tokens, groups = time.monotonic(), 0, 0
         for out in vllm_adapter.stream_generate(self.llm, requests):
@@ -166,13 +174,12 @@ class RolloutActor:
             seconds = time.monotonic() - start
             self.telemetry.inc("rollout_groups_total")
             self.telemetry.set("rollout_tokens_per_second", tokens / seconds if seconds > 0 else 0.0)
-            yield k
-            yield Group(item.index, item.prompt_ids, item.reference, completions, version,
-                        kind=item.kind, question=item.question)
+            yield k, Group(item.index, item.prompt_ids, item.reference, completions, version,
+                           kind=item.kind, question=item.question)
 
     def _stream_partial(self, prompts: Sequence[PromptItem], samples_per_prompt: int, *,
                         seeds: Sequence[int] | None, temperature: float | None, top_p: float | None,
-                        max_new_tokens: int | None, ignore_eos: bool) -> Iterator[int | Group]:
+                        max_new_tokens: int | None, ignore_eos: bool) -> Iterator[tuple[int, Group]]:
         """``stream_groups`` on the interruptible engine: each sample is its own request,
         sample j of prompt k seeded as vLLM seeds the children of one request."""
         sampling = {"temperature": self.config.temperature if temperature is None else temperature,
@@ -197,9 +204,8 @@ class RolloutActor:
             self.telemetry.inc("rollout_groups_total")
             self.telemetry.set("rollout_tokens_per_second", tokens / seconds if seconds > 0 else 0.0)
             item = prompts[s.prompt]
-            yield s.prompt
-            yield Group(item.index, item.prompt_ids, item.reference, completions,
-                        min(c.versions[0] for c in completions), kind=item.kind, question=item.question)
+            yield s.prompt, Group(item.index, item.prompt_ids, item.reference, completions,
+                                  min(c.versions[0] for c in completions), kind=item.kind, question=item.question)
 
     def _sample_params(self, s: Sample):
         """vLLM's parameters for one interruptible sample: n = 1, new tokens at each step."""
@@ -244,8 +250,7 @@ class RolloutActor:
                         **sampling) -> list[Group]:
         """All groups at once, in prompt order (tests and benchmarks; the stages stream
         through ``stream_groups``)."""
-        items = list(self.stream_groups(prompts, samples_per_prompt, **sampling))
-        by_k = dict(zip(items[::2], items[1::2], strict=True))
+        by_k = dict(read_items(iter(self.stream_groups(prompts, samples_per_prompt, **sampling)), len(prompts)))
         return [by_k[k] for k in range(len(prompts))]
 
     def score_tokens(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
@@ -332,3 +337,25 @@ def _engine_setup(kwargs: dict, env: dict[str, str], bundles: EngineBundles | No
         nodes = tuple(str(by_bundle[i]) for i in indices)
     return EngineSetup(kwargs.get("distributed_executor_backend"), kwargs["tensor_parallel_size"],
                        pg.id.hex() if pg is not None else None, indices, nodes, dict(env), dict(kwargs))
+
+
+def stream_items(finished: Iterable[tuple[int, T]], count: int) -> Iterator[int | T]:
+    """What a stream of ``count`` prompts yields (``stream_groups``): for each prompt as it
+    finishes, its position k in the stream, then its group; the last prompt's group comes
+    alone, since the caller knows which prompt is left (one message and one read less for
+    the driver per stream: at one prompt per engine, a third of what a group costs it)."""
+    left = count
+    for k, group in finished:
+        left -= 1
+        if left:
+            yield k
+        yield group
+
+
+def read_items(items: Iterator, count: int) -> Iterator[tuple[int, object]]:
+    """``(k, group)`` pairs back from ``stream_items``'s output (read in this process)."""
+    left = set(range(count))
+    while left:
+        k = next(items) if len(left) > 1 else next(iter(left))
+        left.discard(k)
+        yield k, next(items)

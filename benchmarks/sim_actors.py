@@ -118,7 +118,8 @@ class SimEngine:
             for k in ready:
                 left.discard(k)
                 samples = per_prompt[k]
-                yield k
+                if left:  # the stream protocol (actors.rollout.stream_items): the last group comes alone
+                    yield k
                 yield SimGroup(prompts[k].index, tuple(s.length for s in samples),
                                tuple(tuple(tuple(x) for x in s.segments) for s in samples),
                                min(s.segments[0][0] for s in samples))

@@ -38,7 +38,8 @@ def prompt_seed(run_seed: int, step: int, prompt_index: int) -> int:
 class Stream:
     """One engine's share of a launch: ``positions`` (into the launch's prompts) in the
     order it was given them, the ones it has not yielded yet, and its Ray stream, which
-    yields k then the group of its k-th prompt, for each prompt as it finishes."""
+    yields k then the group of its k-th prompt, for each prompt as it finishes, and the
+    last prompt's group alone (``actors.rollout.stream_items``)."""
 
     engine: int
     positions: list[int]

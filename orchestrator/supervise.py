@@ -366,12 +366,11 @@ class Flight:
                 ready, _ = ray.wait(waits, num_returns=len(waits), timeout=0)
             streams = {id(s.gen): s for s in launch.streams}
             groups = {g.hops[-1].ref: g for g in self.groups.values()}
+            self._finish_all([groups[item] for item in ready if id(item) not in streams])
             for item in ready:
                 stream = streams.get(id(item))
                 if stream is not None:
                     self._read(stream)
-                else:
-                    self._finish(groups[item])
             return
         now = time.monotonic()
         for s in list(launch.streams):
@@ -386,7 +385,8 @@ class Flight:
                 g.deadline = now + d.restart_s + d.scoring_s
 
     def _read(self, stream: streaming.Stream) -> None:
-        """The next (k, group) pair of ``stream``, or its end, or its failure."""
+        """The next (k, group) pair of ``stream`` (the last group alone), or its end, or its
+        failure."""
         try:
             k_ref = next(stream.gen)
         except StopIteration:
@@ -395,14 +395,18 @@ class Flight:
                 raise ActorGone(f"rollout {stream.engine} ended its stream without the groups of prompt positions "
                                 f"{sorted(stream.left)}") from None
             return
-        try:
-            k = ray.get(k_ref, timeout=self.keeper.deadlines.generation_s)
-            ray.wait([stream.gen], timeout=self.keeper.deadlines.generation_s)
-            group_ref = next(stream.gen)
-        except (ray.exceptions.RayError, StopIteration) as err:
-            self._stream_failed(stream, err)
-            return
-        position = stream.positions[k]
+        if len(stream.left) == 1:  # the last group comes alone (actors.rollout.stream_items)
+            position, group_ref = next(iter(stream.left)), k_ref
+            self.launch.streams.remove(stream)  # nothing more to read: its end is not awaited
+        else:
+            try:
+                k = ray.get(k_ref, timeout=self.keeper.deadlines.generation_s)
+                ray.wait([stream.gen], timeout=self.keeper.deadlines.generation_s)
+                group_ref = next(stream.gen)
+            except (ray.exceptions.RayError, StopIteration) as err:
+                self._stream_failed(stream, err)
+                return
+            position = stream.positions[k]
         stream.left.discard(position)
         self._generated(position, group_ref)
 
@@ -435,6 +439,20 @@ class Flight:
             return
         self.groups[position] = _Group(position, group_ref, hops, now + self.keeper.deadlines.scoring_s, now)
 
+    def _finish_all(self, done: list[_Group]) -> None:
+        """Groups whose last hop is ready: delivered, in one read when none failed."""
+        if not done:
+            return
+        try:
+            ray.get([g.hops[-1].ref for g in done], timeout=self.keeper.deadlines.scoring_s)
+        except ray.exceptions.RayError:
+            for g in done:  # one by one: redo what failed
+                self._finish(g)
+            return
+        for g in done:
+            del self.groups[g.position]
+            self.done[g.position] = g.hops[-1].ref
+
     def _finish(self, g: _Group) -> None:
         """The last hop of ``g`` is ready: delivered, or redo what failed."""
         del self.groups[g.position]
@@ -446,6 +464,14 @@ class Flight:
         self.done[g.position] = g.hops[-1].ref
 
     def _hop_failed(self, g: _Group, err: BaseException) -> None:
+        from actors.rollout import EngineBehind
+
+        if isinstance(getattr(err, "cause", None), EngineBehind):
+            # A stream's last group comes without its k (actors.rollout.stream_items), so an
+            # engine's refusal to sample reaches the first hop: as in ``_stream_failed``.
+            self.keeper.sweep()
+            self._regenerate(g.position % len(self.engines), [g.position])
+            return
         member = self.keeper.roster.who(err)
         lost = isinstance(err, ray.exceptions.ObjectLostError)  # the group went with its node
         if member is None and not lost:

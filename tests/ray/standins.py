@@ -21,12 +21,13 @@ class _Standin:
 
 
 class Engine(_Standin):
-    """Yields k, then a stand-in group, per prompt, one every ``delay_s``."""
+    """Yields k, then a stand-in group, per prompt, one every ``delay_s`` (the last group alone)."""
 
     def stream_groups(self, prompts, samples_per_prompt, *, seeds=None, expect_version=None):
         for k, p in enumerate(prompts):
             time.sleep(self.delay_s)
-            yield k
+            if k < len(prompts) - 1:  # the last group comes alone (actors.rollout.stream_items)
+                yield k
             yield ("group", p.index, seeds[k])
 
 

@@ -145,3 +145,25 @@ def test_no_stage_imports_another_stage():
                 names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             wrong += [f"{me} imports {n}" for n in names if n in stage_modules and n != me]
     assert not wrong, "stages import stages (move shared code into an orchestrator module):\n" + "\n".join(wrong)
+
+
+def test_cpu_engines_are_built_first_gpu_engines_with_the_rest():
+    from orchestrator.cluster import _engines_first
+
+    cpu = [placement.ActorPlan("learner", 0, 0, 1, 0), placement.ActorPlan("rollout", 0, 1, 1, 0),
+           placement.ActorPlan("reward", 0, None, 1, 0), placement.ActorPlan("rollout", 1, 2, 1, 0)]
+    first, rest = _engines_first(cpu)
+    assert [a.name for a in first] == ["rollout.0", "rollout.1"]
+    assert [a.name for a in rest] == ["learner.0", "reward.0"]
+    gpu = [placement.ActorPlan("learner", 0, 0, 1, 1), placement.ActorPlan("rollout", 0, 1, 1, 1)]
+    assert _engines_first(gpu) == ([], gpu)
+
+
+def test_a_stream_names_each_group_but_the_last():
+    from actors.rollout import read_items, stream_items
+
+    finished = [(2, "g2"), (0, "g0"), (1, "g1")]  # the order the prompts finished in
+    items = list(stream_items(iter(finished), 3))
+    assert items == [2, "g2", 0, "g0", "g1"]  # the last group alone: the reader knows which is left
+    assert list(read_items(iter(items), 3)) == finished
+    assert list(stream_items(iter([(0, "g")]), 1)) == ["g"]
