@@ -133,7 +133,7 @@ class GRPOTrainer:
     pipeline benchmark's simulated ones); None starts the real ones."""
 
     def __init__(self, prepared: storage.Prepared, inputs_: Inputs, restarts: Counter | None = None,
-                 actors: cluster.StageActors | None = None) -> None:
+                 actors: cluster.StageActors | None = None, *, launch_first: bool = False) -> None:
         cfg = prepared.local
         self.cfg = cfg
         self.storage = prepared.run
@@ -150,27 +150,43 @@ class GRPOTrainer:
         parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (self.deadlines.generation_s
                                                                              + self.deadlines.scoring_s
                                                                              + self.deadlines.restart_s))
-        self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False)
+        self.version = 0
+        self.launched: deque[StepLaunch] = deque()  # generation for this step and those ahead
+        self.next_launch = 1  # the step the next launch is for
+        self.colocated = cfg.cluster.colocate_rollout_with_learner
+        self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False, wait=False)
+        self.marks["rollouts"] = time.monotonic()
+        # A classic engine takes one call at a time: generating ahead, it would join the
+        # push group only after its streams for later steps, so there the group forms first.
+        idle_at_first_push = cfg.grpo.partial_rollout or cfg.grpo.max_staleness_steps == 0
+        if launch_first and idle_at_first_push and not self.colocated:
+            # The engines hold policy version 0, the model on disk: step 1's generation
+            # needs neither the learner ranks nor the push group, and runs while they start.
+            self.launch_generation(up_to_ahead=0)
+        if actors is None:
+            cluster.wait_ready(self.actors)
         self.backend = ray.get(self.actors.learners[0].collective_backend.remote(), timeout=cluster.GROUP_S)
         if cfg.cluster.colocate_rollout_with_learner:
             # NCCL refuses two ranks on one GPU (learner rank 0 and engine 0): the push
             # goes through host memory over gloo. Not yet device-to-device (CUDA IPC).
             self.backend = "gloo"
         self.marks["actors"] = time.monotonic()
-        cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
-        self.marks["weight_push_group"] = time.monotonic()
         self.scoring = streaming.Scoring(self.actors.rewards, self.actors.reward_model, self.actors.reference)
         self.roster = supervise.Roster(self.actors)
         self.keeper = supervise.Keeper(self.roster, self.deadlines, cfg.run.max_restarts, on_event=self.log_fault,
                                        restarts=restarts if restarts is not None else Counter())
         self.telemetry = Telemetry(cfg.run.name, "driver")
-        self.version = 0
-        self.launched: deque[StepLaunch] = deque()  # generation for this step and those ahead
-        self.next_launch = 1  # the step the next launch is for
         self.fed = 0  # groups delivered to the learner ranks by this attempt
-        self.grouped_at = [0] * len(self.actors.rollouts)  # each engine's restarts when the push group formed
+        # Each engine's restarts when the push group formed; None: not yet. With step 1
+        # launched early it forms at the first push, once that generation is over: a
+        # non-threaded engine joins it only after its streams end, and learner rank 0 would
+        # wait on it (bounded by GROUP_S).
+        self.grouped_at: list[int] | None = None
+        if not self.launched:  # nothing sampling yet: the group forms now
+            cluster.init_weight_push(self.actors, self.backend, cfg.rollout.tensor_parallel_size)
+            self.marks["weight_push_group"] = time.monotonic()
+            self.grouped_at = [0] * len(self.actors.rollouts)
         self.checkpoints = checkpoints.CheckpointDir(self.storage, keep=cfg.grpo.keep_checkpoints)
-        self.colocated = cfg.cluster.colocate_rollout_with_learner
         self.launched_at = time.monotonic()  # the run's start (set by `run`)
         self.startup_s = float("nan")
 
@@ -402,7 +418,7 @@ class GRPOTrainer:
 
     def push_weights(self, version: int) -> float:
         t0 = time.monotonic()
-        if self.engine_restarts() != self.grouped_at:  # an engine restarted since the group formed
+        if self.grouped_at is None or self.engine_restarts() != self.grouped_at:  # none yet, or an engine restarted since
             self.regroup()
         if self.colocated:  # room for the weights first; the KV cache once they are in
             self.await_engines([e.wake_up.remote(["weights"]) for e in self.actors.rollouts], "wake-up")
@@ -437,8 +453,10 @@ class GRPOTrainer:
         except (supervise.ActorGone, ray.exceptions.RayError) as err:
             raise supervise.LearnerLost(f"the weight-push group could not be formed again: "
                                         f"{supervise.first_line(err)}") from None
+        first = self.grouped_at is None
         self.grouped_at = self.engine_restarts()
-        log.info("weight-push group formed again (engine restarts %s)", self.grouped_at)
+        self.marks.setdefault("weight_push_group", time.monotonic())
+        log.info("weight-push group formed%s (engine restarts %s)", "" if first else " again", self.grouped_at)
 
     @staticmethod
     def merge(per_rank: list[StepStats]) -> StepStats:
@@ -666,7 +684,7 @@ def run(cfg: GRPOStageConfig, progress=None) -> Path:
         restore_signals = _stop_on_signals(term, training)
         lost_at = None  # when the learner group was last lost
         for attempt in range(cfg.run.max_restarts + 1):
-            trainer = GRPOTrainer(prepared, ready, restarts)
+            trainer = GRPOTrainer(prepared, ready, restarts, launch_first=not resume)
             trainer.launched_at = launched
             if lost_at is not None:
                 back = time.monotonic() - lost_at
