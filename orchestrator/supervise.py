@@ -475,8 +475,13 @@ class Flight:
         member = self.keeper.roster.who(err)
         lost = isinstance(err, ray.exceptions.ObjectLostError)  # the group went with its node
         if member is None and not lost:
-            raise ActorGone(f"the group of prompt position {g.position} failed in "
-                            f"{getattr(err, 'function_name', 'an actor')}: {first_line(err)}") from None
+            try:  # a lone last group carries its engine's error to the first hop (stream_items)
+                ray.get(g.group, timeout=self.keeper.deadlines.scoring_s)
+                where = getattr(err, "function_name", None) or "scoring"
+            except ray.exceptions.RayError:
+                where = f"rollout {g.position % len(self.engines)}"
+            raise ActorGone(f"the group of prompt position {g.position} failed in {where}: "
+                            f"{first_line(err)}") from None
         if member is not None:
             self.keeper.failed(member, err, g.submitted)
         if lost or member.role == "rollout":

@@ -37,3 +37,15 @@ class Reward(_Standin):
     def score(self, group):
         time.sleep(self.delay_s)
         return ("scored", *group[1:], os.getpid())
+
+
+class BrokenEngine(Engine):
+    """Fails with a ValueError where its last group would be (it comes without its k)."""
+
+    def stream_groups(self, prompts, samples_per_prompt, *, seeds=None, expect_version=None):
+        for k, p in enumerate(prompts):
+            time.sleep(self.delay_s)
+            if k == len(prompts) - 1:
+                raise ValueError("the engine broke on its last prompt")
+            yield k
+            yield ("group", p.index, seeds[k])

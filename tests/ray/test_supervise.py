@@ -93,3 +93,15 @@ def test_without_restarts_a_lost_actor_is_one_sentence(ray_local):
     _later(0.5, lambda: os.kill(pid, signal.SIGKILL))
     with pytest.raises(supervise.ActorGone, match=r"reward 0 \(pid \d+ on node .*\) was lost"):
         _fly(ray_local, actors, keeper)
+
+
+def test_an_engine_error_on_a_lone_last_group_names_the_engine(ray_local):
+    from orchestrator import supervise
+    from tests.ray.standins import BrokenEngine
+
+    actors, keeper = _stage(ray_local)
+    actors.rollouts = [ray_local.remote(BrokenEngine).options(num_cpus=0).remote(0.01)]
+    keeper = supervise.Keeper(supervise.Roster(actors), keeper.deadlines, max_restarts=3)
+    # The error reaches the scoring hop as the group's value: the message still names the engine.
+    with pytest.raises(supervise.ActorGone, match=r"position 2 failed in rollout 0: the engine broke on its last"):
+        _fly(ray_local, actors, keeper, n=3)
