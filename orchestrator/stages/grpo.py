@@ -107,12 +107,10 @@ class StepLaunch:
 
 
 def tokenize_prompts(rows: list[TaskRow], tokenizer, template: str) -> list[PromptItem]:
-    items = []
-    for i, row in enumerate(rows):
-        text = render_prompt(row.prompt, template, tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        items.append(PromptItem(i, tuple(ids), row.answer, kind=row.kind, question=row.prompt))
-    return items
+    texts = [render_prompt(row.prompt, template, tokenizer) for row in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one batched call
+    return [PromptItem(i, tuple(x), row.answer, kind=row.kind, question=row.prompt)
+            for i, (row, x) in enumerate(zip(rows, ids, strict=True))]
 
 
 @dataclass(frozen=True)
