@@ -56,10 +56,13 @@ def async_run(tiny_base_model, tmp_path_factory) -> Path:
 def test_async_run_with_partial_rollout_learns(async_run):
     rows = _metrics(async_run)
     assert [r["step"] for r in rows] == list(range(1, 31))
-    # Admission at launch bounds every token's age; pushes landed mid-sample (a step's
-    # tokens of mixed versions give a fractional per-token mean).
+    # Admission at launch bounds every token's age. Whether pushes land mid-sample here
+    # depends on whether generation or training is the slower side on the machine (when
+    # training is, each launch is done before the next push and every token is exactly at
+    # the bound); tests/ray/test_partial_rollout.py makes a push land mid-sample for sure.
     assert all(r["staleness_max"] <= 2 for r in rows)
-    assert any(0 < r["staleness_mean"] % 1 for r in rows), [r["staleness_mean"] for r in rows]
+    lags = {k for r in rows for k in r if k.startswith("logprob_gap/lag")}
+    assert lags <= {"logprob_gap/lag0", "logprob_gap/lag1", "logprob_gap/lag2"}, lags  # per token, within the bound
     assert all(r["logprob_gap/lag0"] < 0.05 for r in rows if "logprob_gap/lag0" in r)
     assert all(0 < r["is_weight_mean"] <= r["is_weight_max"] <= 2.0 for r in rows)  # TIS, capped at 2
     first = sum(r["accuracy"] for r in rows[:5]) / 5
