@@ -409,12 +409,12 @@ class GRPOLearner(LearnerRank):
         under the versions that drew them."""
         lags = self.version - b.token_versions  # [N, T]
         mask = b.loss_mask.bool()  # [N, T]
-        gap = (logp.float() - b.old_logprobs.float()).abs()  # [N, T]
         for lag in sorted(set(lags[mask].tolist())):
             at = mask & (lags == lag)  # [N, T]
+            tokens = float(at.sum())
             total = stats.gap_by_lag.setdefault(int(lag), [0.0, 0.0])
-            total[0] += float(gap[at].sum())
-            total[1] += float(at.sum())
+            total[0] += float(grpo.logprob_gap(logp, b.old_logprobs, at)) * tokens
+            total[1] += tokens
 
     def _collate(self, groups: list[ScoredGroup]) -> TrainBatch:
         batch = collate(groups, [group_advantages_of(g, self.loss, self.max_new_tokens) for g in groups],

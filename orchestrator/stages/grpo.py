@@ -153,7 +153,6 @@ class GRPOTrainer:
         self.next_launch = 1  # the step the next launch is for
         self.colocated = cfg.cluster.colocate_rollout_with_learner
         self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False, wait=False)
-        self.marks["rollouts"] = time.monotonic()
         # A classic engine takes one call at a time: generating ahead, it would join the
         # push group only after its streams for later steps, so there the group forms first.
         idle_at_first_push = cfg.grpo.partial_rollout or cfg.grpo.max_staleness_steps == 0
