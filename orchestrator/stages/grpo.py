@@ -122,6 +122,7 @@ class Inputs:
     items: list[PromptItem]
     claim: preflight.Claim
     report: dict | None = None
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)  # when Ray was ready, pre-flight done
 
 
 class GRPOTrainer:
@@ -140,19 +141,17 @@ class GRPOTrainer:
         self.items = inputs_.items
         self.sampler = PromptSampler(self.items, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                                      kind_weights=cfg.data.kind_weights)
-        self.marks = {"attempt": time.monotonic()}  # when start-up reached each point (STARTUP)
+        # When start-up reached each point (STARTUP); the first attempt has pre-flight's own.
+        self.marks = {"attempt": inputs_.marks.get("preflight", time.monotonic())}
         cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-        self.marks["ray"] = time.monotonic()
+        self.marks["ray"] = inputs_.marks.get("ray", time.monotonic())
         self.deadlines = supervise.Deadlines.for_grpo(cfg)
-        rounds = cfg.grpo.max_sampling_rounds if cfg.grpo.filter_zero_variance else 1
-        parts = cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (self.deadlines.generation_s
-                                                                             + self.deadlines.scoring_s
-                                                                             + self.deadlines.restart_s))
         self.version = 0
         self.launched: deque[StepLaunch] = deque()  # generation for this step and those ahead
         self.next_launch = 1  # the step the next launch is for
         self.colocated = cfg.cluster.colocate_rollout_with_learner
-        self.actors = actors or cluster.start(parts, placement.grpo_roles(cfg), check_fits=False, wait=False)
+        self.actors = actors or cluster.start(stage_parts(cfg), placement.grpo_roles(cfg), check_fits=False,
+                                              wait=False)
         # A classic engine takes one call at a time: generating ahead, it would join the
         # push group only after its streams for later steps, so there the group forms first.
         idle_at_first_push = cfg.grpo.partial_rollout or cfg.grpo.max_staleness_steps == 0
@@ -561,6 +560,15 @@ MODEL_INPUTS = ("model.path", "rewards.reward_models.*.path")
 DATA_INPUTS = ("data.train_path",)
 
 
+def stage_parts(cfg: GRPOStageConfig) -> cluster.StageParts:
+    """What the stage's actors are built from; a learner rank waits for its next group as
+    long as the slowest sampling of it (every round) may take."""
+    deadlines = supervise.Deadlines.for_grpo(cfg)
+    rounds = cfg.grpo.max_sampling_rounds if cfg.grpo.filter_zero_variance else 1
+    return cluster.StageParts.for_grpo(cfg, group_wait_s=3 * rounds * (deadlines.generation_s + deadlines.scoring_s
+                                                                       + deadlines.restart_s))
+
+
 def check_inputs(cfg: GRPOStageConfig) -> None:
     """Fail before any actor starts when the model or data is missing."""
     preflight.check_model(cfg.model.path)
@@ -572,9 +580,11 @@ def check_inputs(cfg: GRPOStageConfig) -> None:
 def prepare_run(prepared: storage.Prepared) -> Inputs:
     """Pre-flight (``orchestrator.preflight``), before the run directory is touched: the
     models, the run name, the storage, every data row and prompt length, and whether the
-    cluster can hold the plan. Raises ``StageError`` naming the first problem."""
-    from transformers import AutoTokenizer
+    cluster can hold the plan. Raises ``StageError`` naming the first problem.
 
+    The prompts are tokenized (and their lengths checked) in a thread while Ray starts:
+    importing transformers and tokenizing take seconds on a small machine, as Ray does. A
+    row that cannot be read is named before Ray starts; a prompt too long, once it has."""
     cfg = prepared.local
     check_inputs(cfg)
     claim = preflight.claim_run(
@@ -588,6 +598,65 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
     except DataError as err:
         raise preflight.PreflightError(str(err)) from None
     total = len(rows) + bad.count
+    if not cfg.data.skip_bad_rows:
+        preflight.bad_rows(bad, source=str(cfg.data.train_path), total=total, skip=False)
+    check_kinds(rows, cfg.rewards)
+    marks: dict[str, float] = {}
+    tokenizing = Background(lambda: tokenized_prompts(cfg, rows, bad, total))
+    plan = placement.grpo_plan(cfg)
+    # The embedded cluster's one node is known before it starts (saves Ray's start-up).
+    embedded = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    try:
+        if embedded:
+            placement.check_fits(plan, nodes=[cluster.embedded_node(cfg.cluster.num_cpus)])
+        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        marks["ray"] = time.monotonic()
+        placement.check_fits(plan, autoscaling=cfg.cluster.autoscaling)
+        prepared.check_cluster()
+        tokenizer, items, report = tokenizing.result()  # a prompt problem before a cluster one
+    except BaseException as err:
+        if embedded and ray.is_initialized():
+            ray.shutdown()  # the cluster this run started: nothing will use it
+        tokenizing.result()  # a prompt problem is named before a cluster one
+        if isinstance(err, placement.PlacementError):
+            raise preflight.PreflightError(str(err)) from None
+        raise
+    marks["preflight"] = time.monotonic()
+    return Inputs(tokenizer, items, claim, report, marks=marks)
+
+
+class Background:
+    """``fn()`` in a daemon thread; ``result`` waits for it and returns its value or raises
+    what it raised."""
+
+    def __init__(self, fn) -> None:
+        self._done = threading.Event()
+        self._got: object = None
+        self._failed = False
+        threading.Thread(target=self._run, args=(fn,), name="r1lab-preflight", daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._got = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller of result()
+            self._got, self._failed = err, True
+        self._done.set()
+
+    def result(self):
+        # Local work with no one else to wait on: it ends, in time proportional to the data,
+        # so no deadline is set.
+        self._done.wait()
+        if self._failed:
+            raise self._got
+        return self._got
+
+
+def tokenized_prompts(cfg: GRPOStageConfig, rows: list[TaskRow], bad: BadRows,
+                      total: int) -> tuple[object, list[PromptItem], dict | None]:
+    """(tokenizer, usable prompts, record of the rows skipped or None): the rows tokenized
+    with the template, those over the generation budget refused (or skipped)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     items = tokenize_prompts(rows, tokenizer, cfg.data.template)
     keep = preflight.check_prompt_lengths(items, [r.where for r in rows], max_new_tokens=cfg.rollout.max_new_tokens,
@@ -598,23 +667,11 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
         items = [dataclasses.replace(items[i], index=j) for j, i in enumerate(keep)]
     if not items:
         raise preflight.PreflightError(f"{cfg.data.train_path}: no usable rows are left ({bad.count} bad)")
-    check_kinds(rows, cfg.rewards)
     try:
         PromptSampler(items, seed=cfg.run.seed, shuffle=cfg.data.shuffle, kind_weights=cfg.data.kind_weights)
     except ValueError as err:
         raise preflight.PreflightError(f"{cfg.data.train_path}: {err}") from None
-    plan = placement.grpo_plan(cfg)
-    try:
-        # The embedded cluster's one node is known before it starts (saves Ray's start-up).
-        embedded = not (cfg.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
-        if embedded:
-            placement.check_fits(plan, nodes=[cluster.embedded_node(cfg.cluster.num_cpus)])
-        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-        placement.check_fits(plan, autoscaling=cfg.cluster.autoscaling)
-    except placement.PlacementError as err:
-        raise preflight.PreflightError(str(err)) from None
-    prepared.check_cluster()
-    return Inputs(tokenizer, items, claim, report)
+    return tokenizer, items, report
 
 
 @ray.remote(num_cpus=0)

@@ -1,7 +1,9 @@
 """Bad input ends before any actor starts: ``r1lab run grpo`` exits 2 within seconds with at
 most three lines naming the row, field or setting and the fix, and leaves an earlier run
-(and the disk) as it was. Each case runs the real command line in this process (no Ray:
-every check here comes before Ray is joined); ``-s`` prints the table of cases."""
+(and the disk) as it was. Each case runs the real command line in this process. Every check
+here but one comes before Ray is joined; a prompt too long for the engine is found while
+Ray starts (the prompts are tokenized meanwhile), and the embedded cluster is stopped
+again. ``-s`` prints the table of cases."""
 
 from __future__ import annotations
 
@@ -101,6 +103,9 @@ def test_a_prompt_longer_than_the_engine_takes_is_named_before_any_actor(setup):
                      r"minus rollout\.max_new_tokens \(16\) leaves.*\(and 1 more bad rows of 22\)")
     assert "long.jsonl:22" not in message  # the first is named; the rest are counted
     assert not (tmp / "runs").exists()
+    import ray
+
+    assert not ray.is_initialized()  # the cluster started meanwhile is stopped again
 
 
 def test_model_paths_that_name_nothing(setup):
