@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rewards.config import RewardSpec
-from rewards.isolation.pool import ScoringPool
 from rewards.types import RewardResult, RewardStatus
 
 console = Console()
@@ -56,6 +55,8 @@ def grade(
     chunk: int = 64,
 ) -> list[RewardResult]:
     """The math reward's result for each row, scored in the pool."""
+    from rewards.isolation.pool import ScoringPool  # sympy and math-verify: only for this command
+
     spec = RewardSpec(name=_REWARD, options={"extraction": extraction})
     results: list[RewardResult] = []
     with ScoringPool([spec], workers=workers, timeout_s=timeout_s) as pool, Progress(
