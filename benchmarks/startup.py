@@ -8,7 +8,7 @@ parts with the baseline's time to its first token and the ratio. The parts count
 grpo stage's ``run`` (the process's own start-up before it, interpreter, imports and config,
 is read off the run's ``driver.log`` and printed on its own line).
 
-    python benchmarks/startup.py [--model DIR] [--data FILE]
+    python benchmarks/startup.py [--model DIR] [--data FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "runs/models/tiny-addition"))
     ap.add_argument("--data", default=str(ROOT / "runs/data/addition/train.jsonl"))
     ap.add_argument("--config", default="configs/demo/grpo.yaml")
+    ap.add_argument("overrides", nargs="*", help="more config overrides, e.g. cluster.dashboard=false")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="r1lab-startup-") as tmp:
         model, data = inputs(args, Path(tmp))
@@ -70,7 +71,7 @@ def main() -> None:
         t0, spawned = time.monotonic(), time.time()
         proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "grpo", "-c", args.config,
                                f"model.path={model}", f"data.train_path={data}", f"run.storage={tmp}",
-                               "run.name=startup", "grpo.steps=1", "logging.wandb_mode=disabled"],
+                               "run.name=startup", "grpo.steps=1", "logging.wandb_mode=disabled", *args.overrides],
                               cwd=ROOT, capture_output=True, text=True, env=env)
         wall = time.monotonic() - t0
         if proc.returncode:

@@ -150,6 +150,9 @@ class ClusterConfig(_Frozen):
 
     address: str | None = Field(default=None, description="Ray address; None = RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs for an embedded local cluster")
+    dashboard: bool = Field(default=True, description="an embedded local cluster starts Ray's dashboard "
+                            "(http://127.0.0.1:8265: rollout throughput, logs); false starts Ray about 1.5-2 s "
+                            "sooner on a 2-core machine. A cluster joined by address keeps its own")
     learner_workers: int = Field(default=1, ge=1, description="DeepSpeed data-parallel ranks (L)")
     rollout_engines: int = Field(default=1, ge=1, description="rollout actors (R), each of "
                                  "rollout.tensor_parallel_size GPUs")

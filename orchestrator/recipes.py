@@ -110,7 +110,7 @@ def run(cfg: PipelineConfig, progress=None) -> Path:
     else:
         preflight.claim_run(root, stage="pipeline", resume=False, overwrite=cfg.run.overwrite).take()
     root.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
     total = len(cfg.pipeline.steps)
     for i, step in enumerate(cfg.pipeline.steps, 1):
         done = f"{step.name}/DONE.json"

@@ -335,7 +335,7 @@ def run(cfg: EvalStageConfig, progress: Progress | None = None) -> Path:
         raise preflight.PreflightError(str(err)) from None
     claim.take()
     prepared.write_config()
-    cluster_mod.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    cluster_mod.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
     prepared.check_cluster()
     result = evaluate_checkpoint(cfg.model.path, cfg.eval, benchmarks, rollout=cfg.rollout, rewards=cfg.rewards,
                                  cluster=cfg.cluster, progress=progress)

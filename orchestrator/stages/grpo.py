@@ -143,7 +143,7 @@ class GRPOTrainer:
                                      kind_weights=cfg.data.kind_weights)
         # When start-up reached each point (STARTUP); the first attempt has pre-flight's own.
         self.marks = {"attempt": inputs_.marks.get("preflight", time.monotonic())}
-        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
         self.marks["ray"] = inputs_.marks.get("ray", time.monotonic())
         self.deadlines = supervise.Deadlines.for_grpo(cfg)
         self.version = 0
@@ -609,7 +609,7 @@ def prepare_run(prepared: storage.Prepared) -> Inputs:
     try:
         if embedded:
             placement.check_fits(plan, nodes=[cluster.embedded_node(cfg.cluster.num_cpus)])
-        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
         marks["ray"] = time.monotonic()
         placement.check_fits(plan, autoscaling=cfg.cluster.autoscaling)
         prepared.check_cluster()

@@ -136,7 +136,7 @@ def run(cfg: SampleStageConfig, progress: Progress | None = None) -> Path:
 
     parts = cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, rollout=cfg.rollout,
                                reward_sets={bench.reward: grading})
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
     prepared.check_cluster()
     actors = cluster.start(parts, roles=("rollout", "reward"))
     try:

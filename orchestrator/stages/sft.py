@@ -124,7 +124,7 @@ def run(cfg: Config, progress=None) -> Path:
     total = steps_per_epoch * cfg.sft.epochs
 
     learners = cluster.SFTLearners(cfg.learner, cfg.sft.micro_batch_sequences, cfg.micro_batches_per_rank)
-    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    cluster.connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
     prepared.check_cluster()
     actors = cluster.start(cluster.StageParts(cfg.model.path, cfg.cluster, run_name=cfg.run.name, seed=cfg.run.seed,
                                               learners=learners), roles=("learner",))
