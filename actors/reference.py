@@ -43,3 +43,7 @@ class ReferenceActor:
             for i, c in enumerate(chunk):
                 out.append(lp[i, len(prompt) : len(prompt) + len(c.token_ids)].tolist())
         return scored.with_ref_logprobs(out)
+
+    def add_ref_logprobs_groups(self, *scored: ScoredGroup) -> tuple[ScoredGroup, ...]:
+        """``add_ref_logprobs`` of several groups in one call, one result each."""
+        return tuple(self.add_ref_logprobs(s) for s in scored)

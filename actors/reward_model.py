@@ -96,3 +96,7 @@ class RewardModelActor:
             scored = scored.with_added(spec.name, [spec.weight * x for x in raw], raw)
         self.telemetry.observe("reward_model_seconds", time.monotonic() - start)
         return scored
+
+    def score_groups(self, *scored: ScoredGroup) -> tuple[ScoredGroup, ...]:
+        """``score`` of several groups in one call, one result each."""
+        return tuple(self.score(s) for s in scored)

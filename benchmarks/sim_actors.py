@@ -167,6 +167,9 @@ class SimReward:
     def score(self, group: SimGroup) -> SimGroup:
         return group
 
+    def score_groups(self, *groups: SimGroup) -> tuple[SimGroup, ...]:
+        return groups
+
     def close(self) -> None:
         pass
 
@@ -212,6 +215,9 @@ class SimLearner:
             self._queued[index] = group
             self._cond.notify_all()
             return len(self._queued)
+
+    def put_groups(self, indices, *groups: SimGroup) -> tuple[int, ...]:
+        return tuple(self.put(i, g) for i, g in zip(indices, groups, strict=True))
 
     def train_step(self, step: int):
         from learner.grpo_role import StepStats

@@ -254,6 +254,11 @@ class GRPOLearner(LearnerRank):
         reaches the rank, and the driver re-issues it under the same number."""
         return self.feed([group], number)
 
+    def put_groups(self, numbers: Sequence[int], *groups: ScoredGroup) -> tuple[int, ...]:
+        """``put`` of several groups in one call (``groups[i]`` as number ``numbers[i]``), one
+        result each: how many wait untaken once it is queued."""
+        return tuple(self.put(n, g) for n, g in zip(numbers, groups, strict=True))
+
     def _next_group(self) -> tuple[ScoredGroup, float]:
         import ray
 

@@ -269,11 +269,12 @@ class GRPOTrainer:
         (number div L)-th group, whatever order the groups finish or fail in."""
         learners, base = self.actors.learners, self.fed
 
-        def chain(position: int, group_ref: ray.ObjectRef) -> list[supervise.Hop]:
-            number = base + position
-            hops = [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(number, group_ref)]
-            rank = learners[number % len(learners)]
-            return hops + [supervise.Hop(self.roster.of(rank), rank.put.remote(number // len(learners), hops[-1].ref))]
+        def chain(positions: list[int], group_refs: list[ray.ObjectRef]) -> list[list[supervise.Hop]]:
+            numbers = [base + p for p in positions]
+            scored = self.scoring.score(numbers, group_refs)
+            puts = streaming.deliver(learners, numbers, [calls[-1][1] for calls in scored])
+            return [[supervise.Hop(self.roster.of(a), ref) for a, ref in [*calls, put]]
+                    for calls, put in zip(scored, puts, strict=True)]
 
         done = supervise.Flight(launch, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
         self.fed += len(launch.prompts)
@@ -289,10 +290,7 @@ class GRPOTrainer:
         stays reproducible."""
         learners = self.actors.learners
 
-        def chain(position: int, group_ref: ray.ObjectRef) -> list[supervise.Hop]:
-            return [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(self.fed + position,
-                                                                                          group_ref)]
-
+        chain = supervise.scoring_chain(self.scoring, self.roster, self.fed)
         done = supervise.Flight(launch, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
         refs = [done[p] for p in range(len(launch.prompts))]
         lengths = ray.get([_group_tokens.remote(ref) for ref in refs], timeout=self.deadlines.learner_s)
@@ -323,12 +321,7 @@ class GRPOTrainer:
         extra: list[int] = []
         current, rounds = launch, 0
         while True:
-            offset = self.fed + len(pool)
-
-            def chain(position: int, group_ref: ray.ObjectRef, offset=offset) -> list[supervise.Hop]:
-                return [supervise.Hop(self.roster.of(a), ref) for a, ref in self.scoring.score(offset + position,
-                                                                                              group_ref)]
-
+            chain = supervise.scoring_chain(self.scoring, self.roster, self.fed + len(pool))
             done = supervise.Flight(current, self.actors.rollouts, self.keeper, chain, catch_up=self.catch_up).run()
             refs = [done[p] for p in range(len(current.prompts))]
             groups = ray.get(refs, timeout=self.deadlines.learner_s)

@@ -90,23 +90,47 @@ def test_inference_and_sft_plans():
 
 
 def test_scoring_order_reward_then_reward_model_then_reference():
-    from orchestrator.streaming import Scoring
+    from orchestrator.streaming import Scoring, deliver
+
+    sent = []
+
+    class Method:
+        """An actor method stand-in, for one group or (``options(num_returns=n)``) for n."""
+
+        def __init__(self, name: str, groups: int = 1) -> None:
+            self.name, self.groups = name, groups
+
+        def options(self, num_returns):
+            return Method(self.name, num_returns)
+
+        def remote(self, *args):
+            sent.append((self.name, args))
+            out = [f"{self.name}({g})" for g in args[len(args) - self.groups:]]
+            return out[0] if self.groups == 1 else out
 
     class Handle:
-        def __init__(self, name: str, method: str) -> None:
-            setattr(self, method, self)
+        def __init__(self, name: str, *methods: str) -> None:
+            for m in methods:
+                setattr(self, m, Method(name))
             self.name = name
 
-        def remote(self, x):
-            return f"{self.name}({x})"
-
-    s = Scoring([Handle("r0", "score"), Handle("r1", "score")], Handle("rm", "score"), Handle("ref", "add_ref_logprobs"))
+    s = Scoring([Handle("r0", "score", "score_groups"), Handle("r1", "score", "score_groups")],
+                Handle("rm", "score", "score_groups"), Handle("ref", "add_ref_logprobs", "add_ref_logprobs_groups"))
     # Group number n goes to reward actor n mod 2, whatever order the groups come in.
-    calls = [s.score(n, g) for n, g in ((2, "g2"), (0, "g0"), (1, "g1"))]
+    calls = s.score([2, 0, 1], ["g2", "g0", "g1"])
     assert [c[-1][1] for c in calls] == ["ref(rm(r0(g2)))", "ref(rm(r0(g0)))", "ref(rm(r1(g1)))"]
     assert [[a.name for a, _ in c] for c in calls] == [["r0", "rm", "ref"], ["r0", "rm", "ref"], ["r1", "rm", "ref"]]
     assert [r for _, r in calls[1]] == ["r0(g0)", "rm(r0(g0))", "ref(rm(r0(g0)))"]
-    assert [r for _, r in Scoring([Handle("r0", "score")]).score(5, "g")] == ["r0(g)"]
+    # One call per actor: r0 takes g2 and g0 together, r1 g1 alone, the later hops all three.
+    assert [name for name, _ in sent] == ["r0", "r1", "rm", "ref"]
+    assert sent[0][1] == ("g2", "g0")
+    sent.clear()
+    assert [[r for _, r in c] for c in Scoring([Handle("r0", "score", "score_groups")]).score([5], ["g"])] == [["r0(g)"]]
+    sent.clear()
+    # Delivery: number n to rank n mod 2 as its (n div 2)-th, one call per rank.
+    puts = deliver([Handle("l0", "put", "put_groups"), Handle("l1", "put", "put_groups")], [4, 5, 6], ["a", "b", "c"])
+    assert [(rank.name, ref) for rank, ref in puts] == [("l0", "l0(a)"), ("l1", "l1(b)"), ("l0", "l0(c)")]
+    assert sent == [("l0", ([2, 3], "a", "c")), ("l1", (2, "b"))]
 
 
 def _sources(*packages: str) -> list[Path]:
