@@ -96,16 +96,17 @@ def test_bad_rows_are_named_by_file_line_and_field(setup):
 
 
 def test_a_prompt_longer_than_the_engine_takes_is_named_before_any_actor(setup):
+    import ray
+
     config, tmp = setup
+    was_up = ray.is_initialized()  # a cluster of earlier tests in this process is used, and kept
     data = _jsonl(tmp / "long.jsonl", GOOD + [{"prompt": "1 + " * 200 + "1", "answer": "201"}] * 2)
     message = _check("a prompt over max_model_len - max_new_tokens", config, [f"data.train_path={data}"],
                      r"long\.jsonl:21: the prompt is \d+ tokens, over the 112 that rollout\.max_model_len \(128\) "
                      r"minus rollout\.max_new_tokens \(16\) leaves.*\(and 1 more bad rows of 22\)")
     assert "long.jsonl:22" not in message  # the first is named; the rest are counted
     assert not (tmp / "runs").exists()
-    import ray
-
-    assert not ray.is_initialized()  # the cluster started meanwhile is stopped again
+    assert ray.is_initialized() == was_up  # a cluster the run started meanwhile is stopped again
 
 
 def test_model_paths_that_name_nothing(setup):
