@@ -140,13 +140,18 @@ def deliver(learners: Sequence, numbers: Sequence[int], group_refs: Sequence) ->
     out: list = [None] * len(numbers)
     for r, mine in by_rank.items():
         rank = learners[r]
-        indices = [numbers[i] // len(learners) for i in mine]
-        refs = [group_refs[i] for i in mine]
-        results = ([rank.put.remote(indices[0], refs[0])] if len(mine) == 1 else
-                   rank.put_groups.options(num_returns=len(mine)).remote(indices, *refs))
+        results = put_all(rank, [numbers[i] // len(learners) for i in mine], [group_refs[i] for i in mine])
         for i, ref in zip(mine, results, strict=True):
             out[i] = (rank, ref)
     return out
+
+
+def put_all(rank, indices: Sequence[int], group_refs: Sequence) -> list[ray.ObjectRef]:
+    """Queue ``group_refs[i]`` at learner ``rank`` as its ``indices[i]``-th group, in one
+    call; the result of each group's put."""
+    if len(group_refs) == 1:
+        return [rank.put.remote(indices[0], group_refs[0])]
+    return list(rank.put_groups.options(num_returns=len(group_refs)).remote(list(indices), *group_refs))
 
 
 def each(one, many, group_refs: Sequence) -> list[ray.ObjectRef]:

@@ -296,13 +296,14 @@ class GRPOTrainer:
         lengths = ray.get([_group_tokens.remote(ref) for ref in refs], timeout=self.deadlines.learner_s)
         ranks = deal_by_tokens(lengths, len(learners))
         first = self.fed // len(learners)
-        taken = [0] * len(learners)
-        puts = []
-        for ref, r in zip(refs, ranks, strict=True):
-            puts.append(learners[r].put.remote(first + taken[r], ref))
-            taken[r] += 1
+        puts, owners = [], []  # each rank's groups in launch order, one call a rank
+        for r, rank in enumerate(learners):
+            mine = [ref for ref, dealt in zip(refs, ranks, strict=True) if dealt == r]
+            if mine:
+                puts += streaming.put_all(rank, range(first, first + len(mine)), mine)
+                owners += [rank] * len(mine)
         self.fed += len(refs)
-        queued = self.await_learners(puts, "handing the step's groups to the learners", [learners[r] for r in ranks])
+        queued = self.await_learners(puts, "handing the step's groups to the learners", owners)
         self.telemetry.set("buffer_groups", max(queued, default=0))
         return time.monotonic() - launch.started
 
@@ -337,10 +338,10 @@ class GRPOTrainer:
             current = streaming.launch(self.actors.rollouts, prompts, self.cfg.grpo.samples_per_prompt,
                                        seeds=seeds, version=self.version)
         chosen = ([ref for ref, ok in pool if ok] + [ref for ref, ok in pool if not ok])[:want]
-        ranks = [learners[(self.fed + k) % len(learners)] for k in range(want)]
-        puts = [rank.put.remote((self.fed + k) // len(learners), ref) for k, (rank, ref) in enumerate(zip(ranks, chosen))]
+        put = streaming.deliver(learners, range(self.fed, self.fed + len(chosen)), chosen)
         self.fed += want
-        queued = self.await_learners(puts, "handing the step's groups to the learners", ranks)
+        queued = self.await_learners([ref for _, ref in put], "handing the step's groups to the learners",
+                                     [rank for rank, _ in put])
         self.telemetry.set("buffer_groups", max(queued, default=0))
         sampling.update({"sampled_groups": len(pool), "zero_variance_groups": len(pool) - found,
                          "sampling_rounds": rounds, "extra_prompt_indices": extra})
