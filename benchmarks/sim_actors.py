@@ -183,6 +183,7 @@ class SimLearner:
         self.rate = tokens_per_s
         self.optimizer_s = optimizer_s
         self.push_s = push_s
+        self.engines: list = []  # the weight-push group's engines
         self.version = 0
         self._cond = threading.Condition()
         self._queued: dict[int, SimGroup] = {}
@@ -200,14 +201,21 @@ class SimLearner:
     def weight_spec(self):
         return None
 
-    def init_weight_group(self, host, port, world_size, backend) -> int:
+    def init_weight_group(self, host, port, world_size, backend, engines=()) -> int:
+        self.engines = list(engines)
         return 0
 
     def last_pushed(self) -> list:
         return []
 
-    def push_weights(self, version: int) -> float:
+    def push_weights(self, version: int, engines_within_s: float | None = None) -> float:
+        """As ``learner.grpo_role.GRPOLearner.push_weights``: with ``engines_within_s``, the
+        engines are asked to receive from here."""
+        import ray
+
+        receiving = [e.receive_weights.remote(version) for e in self.engines] if engines_within_s is not None else []
         time.sleep(self.push_s)
+        ray.get(receiving, timeout=engines_within_s)
         return self.push_s
 
     def put(self, index: int, group: SimGroup) -> int:

@@ -32,7 +32,7 @@ from learner.config import GRPOLossConfig, LearnerConfig
 from learner.engine import EngineShape
 from learner.logprobs import model_logprobs
 from learner.rank import LearnerRank
-from learner.weight_sync import WeightSpec, create_group, send_weights
+from learner.weight_sync import EnginePushFailed, WeightSpec, create_group, send_weights
 
 
 @dataclass
@@ -221,6 +221,7 @@ class GRPOLearner(LearnerRank):
         self._numbered = 0  # the number the next unnumbered feed gets
         self._taken = 0  # the number train_step takes next
         self._weight_group = None
+        self._receivers: list = []  # the engines of the weight-push group (rank 0)
         self._weight_spec: WeightSpec | None = None
         self._push_buffers: list[torch.Tensor] | None = None
         self._proximal: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (log-probs, IS weights)
@@ -435,13 +436,23 @@ class GRPOLearner(LearnerRank):
             self._weight_spec = WeightSpec.of(self.engine.named_full_params(), self.config.weight_push_bucket_bytes)
         return self._weight_spec
 
-    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str, engines: Sequence = ()) -> int:
+        """Join the weight-push group (rank 0: its source); ``engines``: the rollout actors
+        in it, which ``push_weights`` may ask to receive."""
         if self.rank == 0:
             self._weight_group = create_group(host, port, 0, world_size, backend=backend)
+            self._receivers = list(engines)
         return self.rank
 
-    def push_weights(self, version: int) -> float:
-        """Broadcast the current weights (rank 0; other ranks join a ZeRO-3 gather)."""
+    def push_weights(self, version: int, engines_within_s: float | None = None) -> float:
+        """Broadcast the current weights (rank 0; other ranks join a ZeRO-3 gather).
+
+        ``engines_within_s``: rank 0 also asks each engine of the group to receive version
+        ``version`` (``RolloutActor.receive_weights``) and waits that long for them all; the
+        driver then makes one call a push instead of one per engine. An engine that fails or
+        is late raises ``EnginePushFailed`` naming it, while the broadcast it left waiting
+        stays behind in a thread (the driver restarts the group). None: whoever calls this
+        has the engines receive."""
         start = time.monotonic()
         named = self.engine.named_full_params()
         if self.rank == 0:
@@ -450,8 +461,54 @@ class GRPOLearner(LearnerRank):
             spec = self.weight_spec()
             if self._push_buffers is None:
                 self._push_buffers = spec.allocate(named[0][1].device)
-            send_weights(self._weight_group, spec, [t for _, t in named], self._push_buffers)
+            tensors = [t for _, t in named]
+            if engines_within_s is None or not self._receivers:
+                send_weights(self._weight_group, spec, tensors, self._push_buffers)
+            else:
+                self._send_to_engines(version, spec, tensors, engines_within_s)
         return time.monotonic() - start
+
+    def _send_to_engines(self, version: int, spec: WeightSpec, tensors: list[torch.Tensor], within_s: float) -> None:
+        import ray
+
+        receiving = [e.receive_weights.remote(version) for e in self._receivers]
+        sent, failed = threading.Event(), []
+
+        def send() -> None:
+            try:
+                send_weights(self._weight_group, spec, tensors, self._push_buffers)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                failed.append(err)
+            finally:
+                sent.set()
+
+        threading.Thread(target=send, name="weight-push", daemon=True).start()
+        deadline = time.monotonic() + within_s
+        pending = list(receiving)
+        while pending:  # an engine that fails is named at once, not at the deadline
+            left = deadline - time.monotonic()
+            if left <= 0:
+                i = receiving.index(pending[0])
+                raise EnginePushFailed(i, f"rollout {i} did not take policy version {version} within "
+                                          f"{within_s:.0f} s", late=True)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayError:
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as err:
+                        i = receiving.index(ref)
+                        cause = getattr(err, "cause", None) or err
+                        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+                        raise EnginePushFailed(i, f"rollout {i} failed to take policy version {version}: "
+                                                  f"{first}") from None
+        if not sent.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"learner rank 0's broadcast of policy version {version} did not end within "
+                               f"{within_s:.0f} s, although every engine received it")
+        if failed:
+            raise failed[0]
 
     def last_pushed(self) -> list[torch.Tensor]:
         """Rank 0: the flat buckets of the last push (a restarted engine loads them with

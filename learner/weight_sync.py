@@ -21,6 +21,19 @@ import torch.distributed as dist
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
+class EnginePushFailed(RuntimeError):
+    """An engine of the group did not take a push (it died, failed or was late):
+    ``engine`` is its index among the rollout actors; ``late``: it did not answer in time."""
+
+    def __init__(self, engine: int, message: str, late: bool = False) -> None:
+        super().__init__(message)
+        self.engine = engine
+        self.late = late
+
+    def __reduce__(self):  # raised in one process, read in another
+        return type(self), (self.engine, str(self), self.late)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

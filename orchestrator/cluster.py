@@ -324,14 +324,15 @@ def _wait_all(actors: StageActors) -> None:
 
 def init_weight_push(actors: StageActors, backend: str, tensor_parallel_size: int, *,
                      timeout_s: float = GROUP_S) -> None:
-    """Form the weight-push group: learner rank 0 plus every worker of every engine."""
+    """Form the weight-push group: learner rank 0 plus every worker of every engine (rank 0
+    is handed the engines: it asks them to receive each push, ``GRPOLearner.push_weights``)."""
     from orchestrator.supervise import await_all
 
     rank0 = actors.learners[0]
     host, port = await_all([("learner 0", rank0, rank0.address.remote())], "answering", timeout_s)[0]
     spec = await_all([("learner 0", rank0, rank0.weight_spec.remote())], "describing its weights", timeout_s)[0]
     world = 1 + len(actors.rollouts) * tensor_parallel_size
-    calls = [("learner 0", rank0, rank0.init_weight_group.remote(host, port, world, backend))]
+    calls = [("learner 0", rank0, rank0.init_weight_group.remote(host, port, world, backend, list(actors.rollouts)))]
     for i, engine in enumerate(actors.rollouts):
         calls.append((f"rollout {i}", engine,
                       engine.init_weight_group.remote(host, port, 1 + i * tensor_parallel_size, world, backend, spec)))

@@ -39,7 +39,8 @@ class Stream:
     """One engine's share of a launch: ``positions`` (into the launch's prompts) in the
     order it was given them, the ones it has not yielded yet, and its Ray stream, which
     yields k then the group of its k-th prompt, for each prompt as it finishes, and the
-    last prompt's group alone (``actors.rollout.stream_items``)."""
+    last prompt's group alone (``actors.rollout.stream_items``); for a lone prompt, the
+    ObjectRef of its group instead (``lone``)."""
 
     engine: int
     positions: list[int]
@@ -47,6 +48,10 @@ class Stream:
     left: set[int]
     started: float
     deadline: float = math.inf  # set by whoever watches it (``supervise.Flight``)
+
+    @property
+    def lone(self) -> bool:
+        return isinstance(self.gen, ray.ObjectRef)
 
 
 @dataclass
@@ -88,7 +93,10 @@ def start_stream(started: Launch, engine, index: int, positions: Sequence[int],
     stream joins ``started.streams``."""
     prompts = [started.prompts[p] for p in positions]
     seeds = [started.seeds[p] for p in positions]
-    gen = engine.stream_groups.options(num_returns="streaming").remote(
+    # A lone prompt's stream yields its group alone (``actors.rollout.stream_items``): one
+    # plain return then, half what a Ray stream costs the driver (its item and its end).
+    returns = 1 if len(positions) == 1 else "streaming"
+    gen = engine.stream_groups.options(num_returns=returns).remote(
         prompts, started.samples_per_prompt, seeds=None if seeds[0] is None else seeds,
         expect_version=started.version if version is None else version, **started.sampling)
     stream = Stream(index, list(positions), gen, set(positions), time.monotonic())

@@ -395,6 +395,12 @@ class Flight:
     def _read(self, stream: streaming.Stream) -> None:
         """The next (k, group) pair of ``stream`` (the last group alone), or its end, or its
         failure."""
+        if stream.lone:  # its group's ref: an engine's failure reaches the first hop, as below
+            self.launch.streams.remove(stream)
+            position = stream.positions[0]
+            stream.left.discard(position)
+            self._generated(position, stream.gen)
+            return
         try:
             k_ref = next(stream.gen)
         except StopIteration:

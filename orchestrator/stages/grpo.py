@@ -33,6 +33,7 @@ from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.batch import deal_by_tokens
 from learner.grpo_role import StepStats
+from learner.weight_sync import EnginePushFailed
 from orchestrator import checkpoints, cluster, failures, inputs, placement, preflight, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
 from orchestrator.metrics import MetricsLogger, keep_through
@@ -385,16 +386,18 @@ class GRPOTrainer:
             log.info("rollout %d caught up from policy version %d to %d", engine, held, self.version)
         return self.version
 
-    def await_learners(self, refs: list, what: str, actors: list | None = None) -> list:
+    def await_learners(self, refs: list, what: str, actors: list | None = None, within_s: float | None = None) -> list:
         """The results of ``what`` (``refs``, one per actor of ``actors``, default the
-        learner ranks) within ``Deadlines.learner_s`` after their last group; an actor that
-        died or is late ends the attempt (``LearnerLost``: the learner group restarts from
-        its checkpoint)."""
+        learner ranks) within ``within_s`` (default ``Deadlines.learner_s``) after their
+        last group; an actor that died or is late ends the attempt (``LearnerLost``: the
+        learner group restarts from its checkpoint), as does an engine that failed a weight
+        push (``EnginePushFailed``)."""
         actors = self.actors.learners if actors is None else actors
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=self.deadlines.learner_s)
+        within = self.deadlines.learner_s if within_s is None else within_s
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=within)
         if late:
-            self.keeper.late(self.roster.of(actors[refs.index(late[0])]), what, self.deadlines.learner_s)
-            raise supervise.LearnerLost(f"{what} was not done within {self.deadlines.learner_s:.0f} s")
+            self.keeper.late(self.roster.of(actors[refs.index(late[0])]), what, within)
+            raise supervise.LearnerLost(f"{what} was not done within {within:.0f} s")
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
@@ -402,6 +405,12 @@ class GRPOTrainer:
             who = f"{member.label} ({supervise.whereabouts(member.actor_id)})" if member else "an actor"
             raise supervise.LearnerLost(f"{who} was lost during {what}: {supervise.first_line(err)}") from None
         except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, EnginePushFailed):
+                member = self.roster.of(self.actors.rollouts[err.cause.engine])
+                if err.cause.late:
+                    self.keeper.late(member, what, within)
+                raise supervise.LearnerLost(f"{member.label} ({supervise.whereabouts(member.actor_id)}) failed "
+                                            f"during {what}: {supervise.first_line(err.cause)}") from None
             if isinstance(err.cause, TimeoutError):
                 raise supervise.LearnerLost(supervise.first_line(err.cause)) from None
             raise
@@ -412,9 +421,11 @@ class GRPOTrainer:
             self.regroup()
         if self.colocated:  # room for the weights first; the KV cache once they are in
             self.await_engines([e.wake_up.remote(["weights"]) for e in self.actors.rollouts], "wake-up")
-        refs = [w.push_weights.remote(version) for w in self.actors.learners]
-        refs += [e.receive_weights.remote(version) for e in self.actors.rollouts]
-        self.await_learners(refs, f"the weight push of version {version}", self.actors.learners + self.actors.rollouts)
+        # Learner rank 0 asks the engines to receive (one call here, not one per engine) and
+        # names one that fails within the deadline; the driver's own is a grace later.
+        within = self.deadlines.learner_s
+        refs = [w.push_weights.remote(version, within) for w in self.actors.learners]
+        self.await_learners(refs, f"the weight push of version {version}", within_s=within + self.cfg.run.hang_grace_s)
         if self.colocated:
             self.await_engines([e.wake_up.remote(["kv_cache"]) for e in self.actors.rollouts], "wake-up")
         return time.monotonic() - t0

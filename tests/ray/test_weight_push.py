@@ -63,5 +63,17 @@ def test_push_makes_engine_match_learner(ray_local, tiny_model):
     for c in fresh.completions:
         lp = ray.get(learner.sequence_logprobs.remote(prompt, c.token_ids))
         assert max(abs(a - b) for a, b in zip(c.logprobs, lp, strict=True)) < 1e-4
+
+    # As the grpo driver pushes: learner rank 0 asks the group's engines to receive.
+    ray.get(learner.push_weights.remote(2, 60.0), timeout=120)
+    assert ray.get(rollout.version.remote()) == 2
+    # An engine that is gone is named at once, not when the deadline passes.
+    ray.kill(rollout, no_restart=True)
+    with pytest.raises(ray.exceptions.RayTaskError) as failed:
+        ray.get(learner.push_weights.remote(3, 60.0), timeout=50)
+    from learner.weight_sync import EnginePushFailed
+
+    assert isinstance(failed.value.cause, EnginePushFailed), failed.value
+    assert failed.value.cause.engine == 0 and not failed.value.cause.late
+    assert "rollout 0 failed to take policy version 3" in str(failed.value.cause)
     ray.kill(learner)
-    ray.kill(rollout)
