@@ -72,6 +72,29 @@ def test_a_killed_engine_is_restarted_and_its_prompts_reissued_once(ray_local):
     assert keeper.restarts["rollout"] == 1 and caught_up == [0]
 
 
+def test_one_prompt_per_engine_comes_back_as_a_plain_return_and_a_killed_engine_s_is_redone(ray_local):
+    """An engine given a lone prompt returns its group as one ObjectRef (no Ray stream); a
+    killed engine's group is generated again, once, on its restarted actor."""
+    from actors.rollout import PromptItem
+    from orchestrator import streaming, supervise
+
+    actors, keeper = _stage(ray_local, engine_delay=1.5)
+    opts = {"max_restarts": 3, "num_cpus": 0}
+    actors.rollouts += [ray_local.remote(Engine).options(**opts).remote(1.5) for _ in range(2)]
+    keeper = supervise.Keeper(supervise.Roster(actors), keeper.deadlines, max_restarts=3)
+    ray_local.get([e.ready.remote() for e in actors.rollouts])
+    pid = ray_local.get(actors.rollouts[1].pid.remote())
+    prompts = [PromptItem(i, (1, 2), "x") for i in range(3)]
+    launch = streaming.launch(actors.rollouts, prompts, SAMPLES, seeds=[1000 + i for i in range(3)])
+    assert [s.lone for s in launch.streams] == [True] * 3
+    _later(0.5, lambda: os.kill(pid, signal.SIGKILL))
+    caught_up = []
+    chain = supervise.scoring_chain(streaming.Scoring(actors.rewards), keeper.roster)
+    done = supervise.Flight(launch, actors.rollouts, keeper, chain, catch_up=caught_up.append).run()
+    _expect_all({p: ray_local.get(r) for p, r in done.items()}, n=3)
+    assert keeper.restarts["rollout"] == 1 and caught_up == [1]
+
+
 def test_a_stopped_reward_actor_is_named_killed_and_replaced(ray_local, caplog):
     actors, keeper = _stage(ray_local, reward_delay=0.1, grace_s=4.0)
     pid = ray_local.get(actors.rewards[0].pid.remote())
@@ -105,3 +128,6 @@ def test_an_engine_error_on_a_lone_last_group_names_the_engine(ray_local):
     # The error reaches the scoring hop as the group's value: the message still names the engine.
     with pytest.raises(supervise.ActorGone, match=r"position 2 failed in rollout 0: the engine broke on its last"):
         _fly(ray_local, actors, keeper, n=3)
+    # A lone prompt's group is a plain return (``Stream.lone``): its error is named the same way.
+    with pytest.raises(supervise.ActorGone, match=r"position 0 failed in rollout 0: the engine broke on its last"):
+        _fly(ray_local, actors, keeper, n=1)
