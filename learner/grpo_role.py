@@ -492,18 +492,7 @@ class GRPOLearner(LearnerRank):
                 raise EnginePushFailed(i, f"rollout {i} did not take policy version {version} within "
                                           f"{within_s:.0f} s", late=True)
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
-            try:
-                ray.get(ready)
-            except ray.exceptions.RayError:
-                for ref in ready:
-                    try:
-                        ray.get(ref)
-                    except ray.exceptions.RayError as err:
-                        i = receiving.index(ref)
-                        cause = getattr(err, "cause", None) or err
-                        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
-                        raise EnginePushFailed(i, f"rollout {i} failed to take policy version {version}: "
-                                                  f"{first}") from None
+            _raise_first_failure(receiving, ready, version)
         if not sent.wait(max(0.0, deadline - time.monotonic())):
             raise TimeoutError(f"learner rank 0's broadcast of policy version {version} did not end within "
                                f"{within_s:.0f} s, although every engine received it")
@@ -526,3 +515,24 @@ class GRPOLearner(LearnerRank):
             lp = model_logprobs(self.engine, ids, None, temperature=self.temperature,
                                 chunk_tokens=self.config.logprob_chunk_tokens)[0]  # [T]
         return lp[len(prompt_ids) :].tolist()
+
+
+def _raise_first_failure(receiving: list, ready: list, version: int) -> None:
+    """``EnginePushFailed`` for the first engine whose ``receive_weights`` among ``ready``
+    failed (its index in ``receiving``); nothing if none did. One read for them all, one each
+    only after a failure."""
+    import ray
+
+    try:
+        ray.get(ready)
+        return
+    except ray.exceptions.RayError:
+        pass
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            i = receiving.index(ref)
+            cause = getattr(err, "cause", None) or err
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+            raise EnginePushFailed(i, f"rollout {i} failed to take policy version {version}: {first}") from None
