@@ -7,11 +7,13 @@ import torch
 from actors.config import ReferenceConfig
 from learner.batch import ScoredGroup, pad_rows, pad_token_id
 from learner.logprobs import model_logprobs
+from learner.startup import gc_paused
 
 
 class ReferenceActor:
     """Holds the initial policy, frozen, and scores groups with its token log-probs."""
 
+    @gc_paused(freeze=False)  # transformers' imports and the model load (learner.startup)
     def __init__(self, model_path: str, config: ReferenceConfig, *, temperature: float) -> None:
         from transformers import AutoModelForCausalLM
 

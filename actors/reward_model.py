@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from actors.telemetry import Telemetry
 from learner.batch import ScoredGroup
+from learner.startup import gc_paused
 from rewards.basic import summary_of
 from rewards.config import RewardModelSpec
 from rewards.model_input import model_input
@@ -27,6 +28,7 @@ class RewardModelActor:
     can send every group here after the rule rewards.
     """
 
+    @gc_paused(freeze=False)  # transformers' imports and the models' load (learner.startup)
     def __init__(self, specs: Sequence[RewardModelSpec], run_name: str = "", *,
                  device: str = "auto", trust_remote_code: bool = False) -> None:
         import torch

@@ -12,6 +12,7 @@ from actors.config import EngineBundles, RolloutConfig
 from actors.partial import InterruptibleEngine, Sample, continuation_seed
 from actors.telemetry import Telemetry
 from learner.batch import Completion, Group
+from learner.startup import gc_paused
 from learner.weight_sync import WeightSpec
 
 
@@ -58,6 +59,7 @@ class RolloutActor:
     ``colocated``: the engine shares a learner rank's device and ``sleep``s while it
     trains (vLLM's sleep mode on GPUs)."""
 
+    @gc_paused(freeze=True)  # vLLM's imports and build: 4.6 s of CPU instead of 6.5-7.6 (learner.startup)
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
                  run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False,
                  colocated: bool = False) -> None:

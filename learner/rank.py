@@ -14,6 +14,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.engine import Engine, EngineShape
+from learner.startup import gc_paused
 from learner.weight_sync import free_port, node_ip
 
 
@@ -42,6 +43,7 @@ class LearnerRank:
         """An address for the rank-0 rendezvous (call on rank 0 before ``setup``)."""
         return node_ip(), free_port()
 
+    @gc_paused(freeze=False)  # DeepSpeed's imports and the model build (learner.startup)
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the DeepSpeed group and build the engine (all ranks at once); returns the
         number of parameters."""

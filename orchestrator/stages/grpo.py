@@ -33,6 +33,7 @@ from actors.rollout import PromptItem
 from actors.telemetry import Telemetry
 from learner.batch import deal_by_tokens
 from learner.grpo_role import StepStats
+from learner.startup import gc_paused
 from learner.weight_sync import EnginePushFailed
 from orchestrator import checkpoints, cluster, failures, inputs, placement, preflight, storage, streaming, supervise
 from orchestrator.config import GRPOStageConfig
@@ -582,6 +583,7 @@ def check_inputs(cfg: GRPOStageConfig) -> None:
     inputs.check_files([cfg.data.train_path], "data.train_path")
 
 
+@gc_paused(freeze=False)  # transformers' import, tokenizing, Ray's start (learner.startup)
 def prepare_run(prepared: storage.Prepared) -> Inputs:
     """Pre-flight (``orchestrator.preflight``), before the run directory is touched: the
     models, the run name, the storage, every data row and prompt length, and whether the
