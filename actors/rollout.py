@@ -59,7 +59,7 @@ class RolloutActor:
     ``colocated``: the engine shares a learner rank's device and ``sleep``s while it
     trains (vLLM's sleep mode on GPUs)."""
 
-    @gc_paused(freeze=True)  # vLLM's imports and build: 4.6 s of CPU instead of 6.5-7.6 (learner.startup)
+    @gc_paused(freeze=True)  # vLLM's imports and build: 4.6 s of CPU instead of 6.8-7.6 (learner.startup)
     def __init__(self, model_path: str, config: RolloutConfig, engine_index: int = 0,
                  run_name: str = "", bundles: EngineBundles | None = None, partial_rollout: bool = False,
                  colocated: bool = False) -> None:

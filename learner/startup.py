@@ -4,9 +4,10 @@ An actor's constructor imports torch, transformers, vLLM or DeepSpeed and builds
 millions of objects that live as long as the process, and next to no cyclic garbage. The
 collector still walks that growing heap again and again (each pass over the oldest
 generation costs more than the last), and the loaders call ``gc.collect()`` themselves (vLLM
-five times while it builds an engine). Measured on this 2-core machine (``benchmarks/
-startup.py``): a vLLM engine's constructor, imports included, took 6.5-7.6 s of CPU with the
-collector on and 4.6 s with it paused and the heap frozen before the build.
+five times while it builds an engine). Measured on this 2-core machine, one process
+importing vLLM and building the demo's engine: 6.8-7.6 s of CPU with the collector on, 4.6 s
+with it paused and the heap frozen before the build (``benchmarks/startup.py`` shows the
+effect on a whole run: the first generation 11.3-13.7 s after the process starts, not 15-17).
 """
 
 from __future__ import annotations
